@@ -1,0 +1,1 @@
+"""CroBIM-U: uncertainty-driven referring segmentation for remote-sensing images."""
