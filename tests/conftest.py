@@ -4,3 +4,48 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from crobim_u import CrobimUConfig, CrobimUForReferringSegmentation
+
+TINY_VOCAB_SIZE = 99
+
+
+def tiny_config(**overrides) -> CrobimUConfig:
+    """The `tiny` preset with a small vocabulary, for fast tests."""
+    text_config = {"vocab_size": TINY_VOCAB_SIZE, **overrides.pop("text_config", {})}
+    return CrobimUConfig.from_preset("tiny", text_config=text_config, **overrides)
+
+
+def tiny_model(seed: int = 0, **overrides) -> CrobimUForReferringSegmentation:
+    torch.manual_seed(seed)
+    return CrobimUForReferringSegmentation(tiny_config(**overrides)).eval()
+
+
+def tiny_inputs(batch_size: int = 2, size: int = 64, length: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random images, token ids with some padding, and blob-shaped binary labels."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, TINY_VOCAB_SIZE, (batch_size, length), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, length - 2 :] = 0
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    centres = torch.randint(size // 4, 3 * size // 4, (batch_size, 2), generator=generator)
+    labels = torch.stack([((ys - cy) ** 2 + (xs - cx) ** 2 < (size // 6) ** 2) for cy, cx in centres.tolist()])
+    return {
+        "pixel_values": torch.randn(batch_size, 3, size, size, generator=generator),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels.float(),
+    }
+
+
+@pytest.fixture
+def model():
+    return tiny_model()
+
+
+@pytest.fixture
+def inputs():
+    return tiny_inputs()

@@ -1,0 +1,262 @@
+"""CroBIM-U model configuration."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+# The feature strides an AutoBackbone must produce, in order: CAPM, LGFA and MID read all four.
+BACKBONE_STRIDES = (4, 8, 16, 32)
+FOUR_STAGES = ["stage1", "stage2", "stage3", "stage4"]
+
+# Named presets. Full-size presets follow the recipe of the field (Swin-B window 12 or ConvNeXt-B, BERT-base,
+# 480x480 inputs); `tiny` keeps tests and the CPU demo fast.
+_BERT_BASE = {
+    "model_type": "bert",
+    "vocab_size": 30522,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 512,
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "backbone_config": {
+            "model_type": "swin",
+            "image_size": 256,
+            "embed_dim": 16,
+            "depths": [1, 1, 1, 1],
+            "num_heads": [1, 2, 2, 4],
+            "window_size": 8,
+            "out_features": FOUR_STAGES,
+        },
+        "text_config": {
+            "model_type": "bert",
+            "vocab_size": 30522,
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 128,
+            "max_position_embeddings": 64,
+        },
+        "d_model": 64,
+        "num_attention_heads": 4,
+        "num_prompts": 4,
+        "ffn_dim": 128,
+        "mask_head_dim": 32,
+        "udlr_hidden_dim": 16,
+    },
+    "swin-base": {
+        "backbone_config": {
+            "model_type": "swin",
+            "image_size": 384,
+            "embed_dim": 128,
+            "depths": [2, 2, 18, 2],
+            "num_heads": [4, 8, 16, 32],
+            "window_size": 12,
+            "drop_path_rate": 0.3,
+            "out_features": FOUR_STAGES,
+        },
+        "text_config": _BERT_BASE,
+    },
+    "convnext-base": {
+        "backbone_config": {
+            "model_type": "convnext",
+            "hidden_sizes": [128, 256, 512, 1024],
+            "depths": [3, 3, 27, 3],
+            "drop_path_rate": 0.3,
+            "out_features": FOUR_STAGES,
+        },
+        "text_config": _BERT_BASE,
+    },
+}
+
+
+class CrobimUConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`CrobimUForReferringSegmentation`]: an AutoBackbone image encoder, a BERT-style text encoder,
+    CroBIM's bidirectional fusion (CAPM, LGFA, MID) and CroBIM-U's uncertainty modules (RUS, UGF, UDLR). With
+    `use_rus=use_ugf=use_udlr=False` the model is the CroBIM base.
+
+    The defaults describe the `swin-base` preset. Use [`CrobimUConfig.from_preset`] for `tiny`, `swin-base` and
+    `convnext-base`.
+
+    Args:
+        backbone_config (`dict` or `PreTrainedConfig`, *optional*):
+            Config of any AutoBackbone with four stages at strides 4, 8, 16 and 32 (Swin, ConvNeXt, ...). Defaults
+            to Swin-B with window 12.
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            Config of a BERT-like text encoder (anything `AutoModel` builds that returns `last_hidden_state`).
+            Defaults to BERT-base-uncased.
+        d_model (`int`, *optional*, defaults to 256):
+            Width of the fusion, decoder and uncertainty modules.
+        num_attention_heads (`int`, *optional*, defaults to 8):
+            Heads of every cross-modal attention; must divide `d_model`.
+        ffn_dim (`int`, *optional*, defaults to 512):
+            Hidden width of the feed-forward blocks of CAPM and MID.
+        num_prompts (`int`, *optional*, defaults to 10):
+            Learnable CAPM prompt tokens, prepended to the word tokens.
+        capm_num_layers (`int`, *optional*, defaults to 1):
+            CAPM layers (self-attention over prompts and words, cross-attention to the visual context, FFN).
+        mid_layers_per_level (`int`, *optional*, defaults to 1):
+            Bidirectional MID layers at each of strides 32, 16 and 8 (coarse to fine).
+        mask_head_dim (`int`, *optional*, defaults to 128):
+            Width of the stride-4 pixel embedding that the mask head and UDLR read.
+        hidden_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout after attention and feed-forward blocks.
+        use_rus (`bool`, *optional*, defaults to `True`):
+            Referring Uncertainty Scorer: one uncertainty logit per stride-32 token.
+        use_ugf (`bool`, *optional*, defaults to `True`):
+            Uncertainty-Gated Fusion at `ugf_levels`; needs `use_rus`.
+        use_udlr (`bool`, *optional*, defaults to `True`):
+            Uncertainty-Driven Local Refinement at stride 4; needs `use_rus`.
+        ugf_levels (`list[int]`, *optional*, defaults to `[8, 16, 32]`):
+            Strides (from 4, 8, 16, 32) at which UGF adds its gated language increment.
+        ugf_gate_scale_init (`float`, *optional*, defaults to 4.0):
+            Initial slope `s` of the gate `g = sigmoid(s * u + b)` over the uncertainty `u` in [0, 1]; the slope
+            stays positive (softplus), so the gate always grows with uncertainty.
+        ugf_gate_bias_init (`float`, *optional*, defaults to -2.0):
+            Initial offset `b` of the UGF gate: sure regions start with a small language increment.
+        udlr_hidden_dim (`int`, *optional*, defaults to 64):
+            Width of the UDLR refiner.
+        udlr_mask_threshold (`float`, *optional*, defaults to 0.15):
+            Uncertainty `u` at which the UDLR soft mask `M = sigmoid((u - threshold) / temperature)` is one half.
+        udlr_mask_temperature (`float`, *optional*, defaults to 0.05):
+            Softness of the UDLR mask.
+        bce_weight (`float`, *optional*, defaults to 0.9):
+            Weight of the binary cross-entropy in the segmentation loss `Lseg`.
+        dice_weight (`float`, *optional*, defaults to 0.1):
+            Weight of the Dice loss in `Lseg`.
+        coarse_loss_weight (`float`, *optional*, defaults to 0.4):
+            `λc`, weight of `Lseg` on the coarse logits (used only when UDLR is on; otherwise they are the logits).
+        uncertainty_loss_weight (`float`, *optional*, defaults to 1.0):
+            `λu`, weight of the RUS loss `BCE(U, E)`.
+        uncertainty_target (`str`, *optional*, defaults to `"soft"`):
+            `"soft"`: `E = |sigmoid(P) - G|`; `"hard"`: `E = 1` where the thresholded prediction is wrong.
+        uncertainty_pooling (`str`, *optional*, defaults to `"avg"`):
+            How the error map is pooled to the RUS grid: `"avg"` (share of error in the cell) or `"max"`.
+        uncertainty_warmup_steps (`int`, *optional*, defaults to 0):
+            `λu` ramps linearly from 0 over this many optimisation steps (pass `global_step` to `forward`).
+        detach_uncertainty (`bool`, *optional*, defaults to `True`):
+            Detach `U` where UGF and UDLR read it, so RUS learns from its own loss only.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialiser of the fusion and decoder weights.
+    """
+
+    model_type = "crobim_u"
+    sub_configs_defaults = {
+        "backbone_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="swin", init_kwargs=dict(PRESETS["swin-base"]["backbone_config"])
+        ),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", init_kwargs=dict(_BERT_BASE)),
+    }
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    d_model: int = 256
+    num_attention_heads: int = 8
+    ffn_dim: int = 512
+    num_prompts: int = 10
+    capm_num_layers: int = 1
+    mid_layers_per_level: int = 1
+    mask_head_dim: int = 128
+    hidden_dropout: float = 0.0
+    use_rus: bool = True
+    use_ugf: bool = True
+    use_udlr: bool = True
+    ugf_levels: list[int] | tuple[int, ...] = (8, 16, 32)
+    ugf_gate_scale_init: float = 4.0
+    ugf_gate_bias_init: float = -2.0
+    udlr_hidden_dim: int = 64
+    udlr_mask_threshold: float = 0.15
+    udlr_mask_temperature: float = 0.05
+    bce_weight: float = 0.9
+    dice_weight: float = 0.1
+    coarse_loss_weight: float = 0.4
+    uncertainty_loss_weight: float = 1.0
+    uncertainty_target: str = "soft"
+    uncertainty_pooling: str = "avg"
+    uncertainty_warmup_steps: int = 0
+    detach_uncertainty: bool = True
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        # The sub-config defaults hold one dict per class; give every config its own copy.
+        for key in ("backbone_config", "text_config"):
+            if isinstance(getattr(self, key), dict):
+                setattr(self, key, copy.deepcopy(getattr(self, key)))
+        # JSON has no tuples: keep one type so that a saved and reloaded config compares equal.
+        self.ugf_levels = [int(level) for level in self.ugf_levels]
+        super().__post_init__(**kwargs)
+        self.validate_crobim_u()
+
+    def validate_crobim_u(self) -> None:
+        """Raises `ValueError` for settings no model can be built from."""
+        if self.d_model <= 0 or self.d_model % self.num_attention_heads != 0:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be a positive multiple of num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        for name in ("ffn_dim", "mask_head_dim", "udlr_hidden_dim", "capm_num_layers", "mid_layers_per_level"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.num_prompts < 0:
+            raise ValueError(f"num_prompts must be >= 0, got {self.num_prompts}.")
+        unknown_levels = sorted(set(self.ugf_levels) - set(BACKBONE_STRIDES))
+        if unknown_levels:
+            raise ValueError(f"Unknown UGF level(s) {unknown_levels}: ugf_levels takes strides from {BACKBONE_STRIDES}.")
+        if self.use_ugf and not self.ugf_levels:
+            raise ValueError("use_ugf=True needs at least one stride in ugf_levels.")
+        for module in ("ugf", "udlr"):
+            if getattr(self, f"use_{module}") and not self.use_rus:
+                raise ValueError(f"use_{module}=True needs use_rus=True: {module.upper()} reads the RUS uncertainty map.")
+        if self.uncertainty_target not in ("soft", "hard"):
+            raise ValueError(f"uncertainty_target must be 'soft' or 'hard', got {self.uncertainty_target!r}.")
+        if self.uncertainty_pooling not in ("avg", "max"):
+            raise ValueError(f"uncertainty_pooling must be 'avg' or 'max', got {self.uncertainty_pooling!r}.")
+        if self.udlr_mask_temperature <= 0:
+            raise ValueError(f"udlr_mask_temperature must be > 0, got {self.udlr_mask_temperature}.")
+        for name in ("bce_weight", "dice_weight", "coarse_loss_weight", "uncertainty_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.uncertainty_warmup_steps < 0:
+            raise ValueError(f"uncertainty_warmup_steps must be >= 0, got {self.uncertainty_warmup_steps}.")
+        out_features = getattr(self.backbone_config, "out_features", None)
+        if out_features is not None and len(out_features) != len(BACKBONE_STRIDES):
+            raise ValueError(
+                f"backbone_config must output {len(BACKBONE_STRIDES)} feature maps (strides {BACKBONE_STRIDES}), "
+                f"got out_features={out_features}."
+            )
+        if not hasattr(self.text_config, "hidden_size"):
+            raise ValueError(f"text_config ({type(self.text_config).__name__}) has no hidden_size: use a BERT-like encoder.")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> CrobimUConfig:
+        """
+        Builds a named preset: `tiny` (tests, CPU demo), `swin-base` or `convnext-base` (the field's recipe).
+
+        Args:
+            name (`str`): One of `CrobimUConfig.presets()`.
+            overrides: Config fields to change; `backbone_config`/`text_config` dicts update the preset's.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose from {sorted(PRESETS)}.")
+        settings = copy.deepcopy(PRESETS[name])
+        for key in ("backbone_config", "text_config"):
+            if isinstance(overrides.get(key), dict):
+                settings[key].update(overrides.pop(key))
+        settings.update(overrides)
+        return cls(**settings)
+
+    @staticmethod
+    def presets() -> list[str]:
+        """Names accepted by [`CrobimUConfig.from_preset`]."""
+        return sorted(PRESETS)
+
+
+__all__ = ["CrobimUConfig"]

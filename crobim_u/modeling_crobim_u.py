@@ -1,0 +1,872 @@
+"""PyTorch CroBIM-U: uncertainty-driven referring segmentation for remote-sensing images.
+
+Reading order: attention and small blocks; CroBIM (CAPM, LGFA, MID); CroBIM-U (RUS, UGF, UDLR); losses; the
+pre-trained base class; the model.
+
+The papers (CroBIM, arXiv 2410.08613; CroBIM-U, arXiv 2601.03490) give no equations for several parts. Every choice
+that is ours is marked "Our interpretation" in the docstring of the module that makes it, with the config field
+that changes it where one exists.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import MODEL_FOR_BACKBONE_MAPPING, AutoBackbone, AutoConfig, AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .configuration_crobim_u import BACKBONE_STRIDES, FOUR_STAGES, CrobimUConfig
+
+
+# MID decodes coarse to fine at these strides, then the mask head works at stride 4.
+DECODER_STRIDES = (32, 16, 8)
+# CAPM reads visual context at these strides (stride 4 adds many tokens and little context).
+CONTEXT_STRIDES = (8, 16, 32)
+# Prior log-odds of the RUS logits: most pixels of a referring mask are predicted correctly.
+UNCERTAINTY_PRIOR_LOGIT = -2.0
+
+
+@dataclass
+class CrobimUSegmentationOutput(ModelOutput):
+    r"""
+    Output of [`CrobimUForReferringSegmentation`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
+            `Lseg(P) + λc·Lseg(P_coarse) + λu·BCE(U, E)` (the terms of switched-off modules are left out).
+        logits (`torch.FloatTensor` of shape `(batch_size, 1, height, width)`):
+            Mask logits `P` at the input resolution.
+        coarse_logits (`torch.FloatTensor` of shape `(batch_size, 1, height / 4, width / 4)`):
+            Mask logits of the MID head before UDLR; equal to `logits` at stride 4 when UDLR is off.
+        uncertainty_logits (`torch.FloatTensor` of shape `(batch_size, 1, height / 32, width / 32)`, *optional*):
+            Referring-uncertainty logits `U` of RUS; `None` when `use_rus=False`.
+        segmentation_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            `Lseg(P)`.
+        coarse_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            `Lseg(P_coarse)`, unweighted; only with UDLR.
+        uncertainty_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            `BCE(U, E)`, unweighted and before the warm-up factor; only with RUS.
+        uncertainty_target (`torch.FloatTensor` of shape `(batch_size, 1, height / 32, width / 32)`, *optional*):
+            The online error-consistency target `E` that RUS was trained towards.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    coarse_logits: torch.FloatTensor | None = None
+    uncertainty_logits: torch.FloatTensor | None = None
+    segmentation_loss: torch.FloatTensor | None = None
+    coarse_loss: torch.FloatTensor | None = None
+    uncertainty_loss: torch.FloatTensor | None = None
+    uncertainty_target: torch.FloatTensor | None = None
+
+
+def sine_position_encoding(height: int, width: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """2-D sine/cosine position encoding of shape `(height * width, dim)`; half the channels encode y, half x."""
+    quarter = dim // 4
+    frequencies = 1.0 / (10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter))
+    y = torch.arange(height, device=device, dtype=torch.float32)[:, None] * frequencies
+    x = torch.arange(width, device=device, dtype=torch.float32)[:, None] * frequencies
+    y = torch.cat([y.sin(), y.cos()], dim=-1)[:, None, :].expand(height, width, 2 * quarter)
+    x = torch.cat([x.sin(), x.cos()], dim=-1)[None, :, :].expand(height, width, 2 * quarter)
+    encoding = torch.cat([y, x], dim=-1).reshape(height * width, 4 * quarter)
+    return F.pad(encoding, (0, dim - 4 * quarter)).to(dtype)
+
+
+def flatten_map(feature_map: torch.Tensor) -> torch.Tensor:
+    """`(B, C, H, W)` -> `(B, H*W, C)`."""
+    return feature_map.flatten(2).transpose(1, 2)
+
+
+def unflatten_tokens(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """`(B, H*W, C)` -> `(B, C, H, W)`."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `tokens` `(B, L, C)` over the positions where `mask` `(B, L)` is True."""
+    weights = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class CrobimUAttention(nn.Module):
+    """
+    Multi-head cross-attention with a boolean key mask.
+
+    Both implementations give the same result: "sdpa" calls `F.scaled_dot_product_attention` with a boolean mask,
+    "eager" masks with `-inf`. Neither adds a large negative constant, which leaves denormal probabilities that stall
+    the next matmul on x86 CPUs.
+    """
+
+    def __init__(self, config: CrobimUConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.d_model // config.num_attention_heads
+        self.q_proj = nn.Linear(config.d_model, config.d_model)
+        self.k_proj = nn.Linear(config.d_model, config.d_model)
+        self.v_proj = nn.Linear(config.d_model, config.d_model)
+        self.out_proj = nn.Linear(config.d_model, config.d_model)
+
+    def split_heads(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch_size, length, _ = tokens.shape
+        return tokens.view(batch_size, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention of projected, head-split `query`/`key`/`value`; returns `(B, Lq, d_model)` before `out_proj`."""
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        if self.config._attn_implementation == "eager":
+            scores = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            context = scores.softmax(dim=-1) @ value
+        else:
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+        return context.transpose(1, 2).flatten(2)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            query (`torch.Tensor` of shape `(B, Lq, d_model)`)
+            key (`torch.Tensor` of shape `(B, Lk, d_model)`)
+            value (`torch.Tensor` of shape `(B, Lk, d_model)`, *optional*): defaults to `key`.
+            key_mask (`torch.BoolTensor` of shape `(B, Lk)`, *optional*): True where a key may be attended to.
+        """
+        value = key if value is None else value
+        context = self.attend(
+            self.split_heads(self.q_proj(query)),
+            self.split_heads(self.k_proj(key)),
+            self.split_heads(self.v_proj(value)),
+            key_mask,
+        )
+        return self.out_proj(context)
+
+
+class CrobimUFeedForward(nn.Sequential):
+    def __init__(self, config: CrobimUConfig):
+        super().__init__(
+            nn.Linear(config.d_model, config.ffn_dim),
+            nn.GELU(),
+            nn.Dropout(config.hidden_dropout),
+            nn.Linear(config.ffn_dim, config.d_model),
+        )
+
+
+def conv_norm_act(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
+    """Conv + GroupNorm + GELU: GroupNorm keeps the decoder independent of the (small) batch size."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+        nn.GroupNorm(math.gcd(8, out_channels), out_channels),
+        nn.GELU(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CroBIM: CAPM (vision -> language), LGFA (language -> vision), MID (both ways, coarse to fine)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class CrobimUPromptModulationLayer(GradientCheckpointingLayer):
+    """One CAPM layer: prompts and words talk to each other, then read the visual context, then an FFN."""
+
+    def __init__(self, config: CrobimUConfig):
+        super().__init__()
+        self.self_attn_norm = nn.LayerNorm(config.d_model)
+        self.self_attn = CrobimUAttention(config)
+        self.cross_attn_norm = nn.LayerNorm(config.d_model)
+        self.cross_attn = CrobimUAttention(config)
+        self.ffn_norm = nn.LayerNorm(config.d_model)
+        self.ffn = CrobimUFeedForward(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(
+        self,
+        language: torch.Tensor,
+        language_mask: torch.Tensor,
+        context: torch.Tensor,
+        context_position: torch.Tensor,
+    ) -> torch.Tensor:
+        normed = self.self_attn_norm(language)
+        language = language + self.dropout(self.self_attn(normed, normed, normed, language_mask))
+        normed = self.cross_attn_norm(language)
+        language = language + self.dropout(self.cross_attn(normed, context + context_position, context))
+        return language + self.dropout(self.ffn(self.ffn_norm(language)))
+
+
+class CrobimUContextAwarePromptModulation(nn.Module):
+    """
+    CAPM, vision -> language: learnable prompt tokens are prepended to the word tokens, and both cross-attend to
+    multi-scale visual context so that the language features carry what the image shows.
+
+    Our interpretation: the context is the stride 8, 16 and 32 visual tokens with 2-D sine position encodings (so
+    that "left of" and "top" can be read from positions) plus a learned embedding per scale; each layer is
+    self-attention over prompts and words, cross-attention to the context, and an FFN (`capm_num_layers`,
+    `num_prompts`).
+    """
+
+    def __init__(self, config: CrobimUConfig):
+        super().__init__()
+        self.prompts = nn.Parameter(torch.zeros(config.num_prompts, config.d_model))
+        self.level_embeddings = nn.Parameter(torch.zeros(len(CONTEXT_STRIDES), config.d_model))
+        self.layers = nn.ModuleList(CrobimUPromptModulationLayer(config) for _ in range(config.capm_num_layers))
+
+    def forward(
+        self, words: torch.Tensor, word_mask: torch.Tensor, visual_maps: dict[int, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the language tokens `(B, num_prompts + L, d_model)` and their mask."""
+        batch_size = words.shape[0]
+        prompts = self.prompts.unsqueeze(0).expand(batch_size, -1, -1)
+        language = torch.cat([prompts, words], dim=1)
+        prompt_mask = word_mask.new_ones(batch_size, self.prompts.shape[0])
+        language_mask = torch.cat([prompt_mask, word_mask], dim=1)
+
+        context, context_position = [], []
+        for index, stride in enumerate(CONTEXT_STRIDES):
+            feature_map = visual_maps[stride]
+            height, width = feature_map.shape[-2:]
+            context.append(flatten_map(feature_map))
+            position = sine_position_encoding(height, width, words.shape[-1], words.device, words.dtype)
+            context_position.append(position + self.level_embeddings[index])
+        context = torch.cat(context, dim=1)
+        context_position = torch.cat(context_position, dim=0).unsqueeze(0)
+
+        for layer in self.layers:
+            language = layer(language, language_mask, context, context_position)
+        return language, language_mask
+
+
+class CrobimUPixelWordAttention(GradientCheckpointingLayer):
+    """
+    LGFA at one scale, language -> vision: every pixel attends to the words, and the pixel is modulated by what it
+    read.
+
+    Our interpretation of the attention-deficit compensation: a pixel's attention to the words is "weak" when even
+    its best-matching word scores low. With `r = sigmoid(max_w q·k_w / sqrt(d_head))` averaged over heads, the
+    sentence vector is added with weight `1 - r`, so pixels the words do not reach still receive the sentence.
+    """
+
+    def __init__(self, config: CrobimUConfig):
+        super().__init__()
+        self.pixel_norm = nn.LayerNorm(config.d_model)
+        self.attention = CrobimUAttention(config)
+        self.sentence_proj = nn.Linear(config.d_model, config.d_model)
+        self.vision_proj = nn.Sequential(nn.Linear(config.d_model, config.d_model), nn.GELU())
+        self.fuse_proj = nn.Linear(config.d_model, config.d_model)
+
+    def forward(
+        self, feature_map: torch.Tensor, language: torch.Tensor, language_mask: torch.Tensor, sentence: torch.Tensor
+    ) -> torch.Tensor:
+        height, width = feature_map.shape[-2:]
+        pixels = flatten_map(feature_map)
+        normed = self.pixel_norm(pixels)
+        attention = self.attention
+        query = attention.split_heads(attention.q_proj(normed))
+        key = attention.split_heads(attention.k_proj(language))
+        value = attention.split_heads(attention.v_proj(language))
+        word_context = attention.out_proj(attention.attend(query, key, value, language_mask))
+
+        scores = (query @ key.transpose(-1, -2)) / math.sqrt(attention.head_dim)
+        scores = scores.masked_fill(~language_mask[:, None, None, :], float("-inf"))
+        relevance = torch.sigmoid(scores.amax(dim=-1)).mean(dim=1).unsqueeze(-1)
+        word_context = word_context + (1.0 - relevance) * self.sentence_proj(sentence).unsqueeze(1)
+
+        pixels = pixels + self.fuse_proj(self.vision_proj(normed) * word_context)
+        return unflatten_tokens(pixels, height, width)
+
+
+class CrobimULanguageGuidedAggregation(nn.Module):
+    """
+    LGFA: pixel-word attention at every scale, then cross-scale aggregation.
+
+    Our interpretation of the aggregation: a top-down pass (stride 32 -> 4) that adds the upsampled coarser map and
+    smooths with a depthwise-separable 3x3 convolution, so fine scales see the coarse language-aware context.
+    """
+
+    def __init__(self, config: CrobimUConfig):
+        super().__init__()
+        self.pixel_word_attention = nn.ModuleDict(
+            {str(stride): CrobimUPixelWordAttention(config) for stride in BACKBONE_STRIDES}
+        )
+        self.smooth = nn.ModuleDict(
+            {
+                str(stride): nn.Sequential(
+                    nn.Conv2d(config.d_model, config.d_model, 3, padding=1, groups=config.d_model),
+                    nn.Conv2d(config.d_model, config.d_model, 1, bias=False),
+                    nn.GroupNorm(math.gcd(8, config.d_model), config.d_model),
+                )
+                for stride in BACKBONE_STRIDES[:-1]
+            }
+        )
+
+    def forward(
+        self,
+        visual_maps: dict[int, torch.Tensor],
+        language: torch.Tensor,
+        language_mask: torch.Tensor,
+        sentence: torch.Tensor,
+    ) -> dict[int, torch.Tensor]:
+        fused, coarser = {}, None
+        for stride in reversed(BACKBONE_STRIDES):
+            feature_map = self.pixel_word_attention[str(stride)](visual_maps[stride], language, language_mask, sentence)
+            if coarser is not None:
+                upsampled = F.interpolate(coarser, size=feature_map.shape[-2:], mode="bilinear", align_corners=False)
+                feature_map = feature_map + self.smooth[str(stride)](feature_map + upsampled)
+            fused[stride] = coarser = feature_map
+        return fused
+
+
+class CrobimUMutualInteractionLayer(GradientCheckpointingLayer):
+    """One MID layer: the text reads the vision, the vision reads the (updated) text, then an FFN for each."""
+
+    def __init__(self, config: CrobimUConfig):
+        super().__init__()
+        self.text_norm = nn.LayerNorm(config.d_model)
+        self.text_reads_vision = CrobimUAttention(config)
+        self.vision_norm = nn.LayerNorm(config.d_model)
+        self.vision_reads_text = CrobimUAttention(config)
+        self.text_ffn_norm = nn.LayerNorm(config.d_model)
+        self.text_ffn = CrobimUFeedForward(config)
+        self.vision_ffn_norm = nn.LayerNorm(config.d_model)
+        self.vision_ffn = CrobimUFeedForward(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(
+        self,
+        vision: torch.Tensor,
+        vision_position: torch.Tensor,
+        language: torch.Tensor,
+        language_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        language = language + self.dropout(
+            self.text_reads_vision(self.text_norm(language), vision + vision_position, vision)
+        )
+        vision = vision + self.dropout(
+            self.vision_reads_text(self.vision_norm(vision) + vision_position, language, language, language_mask)
+        )
+        language = language + self.dropout(self.text_ffn(self.text_ffn_norm(language)))
+        vision = vision + self.dropout(self.vision_ffn(self.vision_ffn_norm(vision)))
+        return vision, language
+
+
+class CrobimUMutualInteractionDecoder(nn.Module):
+    """
+    MID: cascaded bidirectional cross-attention at strides 32, 16 and 8 (coarse to fine, each level starting from
+    the upsampled result of the coarser one), then a mask head at stride 4.
+
+    Our interpretation of the mask head: a stride-4 pixel embedding `E` (`mask_head_dim` channels) scored against a
+    projection of the decoded sentence vector, `P_coarse = <E, q> / sqrt(mask_head_dim) + b`, so the final decision
+    is conditioned on the language directly.
+    """
+
+    def __init__(self, config: CrobimUConfig):
+        super().__init__()
+        self.levels = nn.ModuleDict(
+            {
+                str(stride): nn.ModuleList(
+                    CrobimUMutualInteractionLayer(config) for _ in range(config.mid_layers_per_level)
+                )
+                for stride in DECODER_STRIDES
+            }
+        )
+        self.pixel_head = nn.Sequential(
+            conv_norm_act(config.d_model, config.mask_head_dim, 1),
+            conv_norm_act(config.mask_head_dim, config.mask_head_dim, 3),
+        )
+        self.sentence_norm = nn.LayerNorm(config.d_model)
+        self.sentence_proj = nn.Linear(config.d_model, config.mask_head_dim)
+        self.mask_bias = nn.Parameter(torch.zeros(1))
+
+    def forward(
+        self, fused_maps: dict[int, torch.Tensor], language: torch.Tensor, language_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the coarse mask logits `(B, 1, H/4, W/4)` and the pixel embedding `(B, mask_head_dim, H/4, W/4)`."""
+        coarser = None
+        for stride in (*DECODER_STRIDES, 4):
+            feature_map = fused_maps[stride]
+            if coarser is not None:
+                feature_map = feature_map + F.interpolate(
+                    coarser, size=feature_map.shape[-2:], mode="bilinear", align_corners=False
+                )
+            if stride == 4:
+                break
+            height, width = feature_map.shape[-2:]
+            vision = flatten_map(feature_map)
+            position = sine_position_encoding(height, width, vision.shape[-1], vision.device, vision.dtype)
+            for layer in self.levels[str(stride)]:
+                vision, language = layer(vision, position.unsqueeze(0), language, language_mask)
+            coarser = unflatten_tokens(vision, height, width)
+
+        pixel_embedding = self.pixel_head(feature_map)
+        query = self.sentence_proj(self.sentence_norm(masked_mean(language, language_mask)))
+        coarse_logits = torch.einsum("bchw,bc->bhw", pixel_embedding, query) / math.sqrt(query.shape[-1])
+        return (coarse_logits + self.mask_bias).unsqueeze(1), pixel_embedding
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CroBIM-U: RUS (where is the model unsure), UGF (more language there), UDLR (refine there)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class CrobimUReferringUncertaintyScorer(nn.Module):
+    """
+    RUS: aligns the stride-32 visual tokens with the language tokens by scaled dot-product attention and emits one
+    uncertainty logit per token, `U` of shape `(B, 1, H/32, W/32)`. Trained towards the online error-consistency
+    target `E` (see [`error_consistency_target`]).
+
+    Our interpretation: the scorer reads `[v, a, v * a]` (token, aligned language, their product) through a
+    two-layer MLP; the output bias starts at log-odds -2 because most pixels are predicted correctly.
+    """
+
+    def __init__(self, config: CrobimUConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.d_model)
+        self.attention = CrobimUAttention(config)
+        self.scorer = nn.Sequential(
+            nn.Linear(3 * config.d_model, config.d_model), nn.GELU(), nn.Linear(config.d_model, 1)
+        )
+
+    def forward(self, feature_map: torch.Tensor, language: torch.Tensor, language_mask: torch.Tensor) -> torch.Tensor:
+        height, width = feature_map.shape[-2:]
+        tokens = self.norm(flatten_map(feature_map))
+        aligned = self.attention(tokens, language, language, language_mask)
+        logits = self.scorer(torch.cat([tokens, aligned, tokens * aligned], dim=-1))
+        return unflatten_tokens(logits, height, width)
+
+
+class CrobimUUncertaintyGatedFusion(GradientCheckpointingLayer):
+    """
+    UGF at one scale: a cross-attention "language increment" added to the visual tokens, scaled per channel by a
+    gate that grows with the uncertainty `u = sigmoid(U)`: `v <- v + sigmoid(softplus(s) * u + b) * increment`.
+
+    Our interpretation: the slope `softplus(s)` keeps the gate monotone in `u`; `s` and `b` start from
+    `ugf_gate_scale_init` and `ugf_gate_bias_init`, so at the start sure tokens get about 12% of the increment and
+    fully uncertain ones 88%.
+    """
+
+    def __init__(self, config: CrobimUConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.d_model)
+        self.attention = CrobimUAttention(config)
+        self.gate_scale = nn.Parameter(torch.zeros(config.d_model))
+        self.gate_bias = nn.Parameter(torch.zeros(config.d_model))
+
+    def forward(
+        self,
+        feature_map: torch.Tensor,
+        uncertainty: torch.Tensor,
+        language: torch.Tensor,
+        language_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        height, width = feature_map.shape[-2:]
+        tokens = flatten_map(feature_map)
+        increment = self.attention(self.norm(tokens), language, language, language_mask)
+        uncertainty = F.interpolate(uncertainty, size=(height, width), mode="bilinear", align_corners=False)
+        gate = torch.sigmoid(F.softplus(self.gate_scale) * flatten_map(uncertainty) + self.gate_bias)
+        return unflatten_tokens(tokens + gate * increment, height, width)
+
+
+class CrobimULocalRefiner(nn.Module):
+    """
+    UDLR: a light convolutional refiner predicts residual logits `R` at stride 4 from the pixel embedding, the coarse
+    logits and the uncertainty; a soft mask `M = sigmoid((u - udlr_mask_threshold) / udlr_mask_temperature)` decides
+    where they apply: `P = P_coarse + M * R`.
+
+    Our interpretation: the last refiner layer starts at zero, so UDLR starts as the identity and learns residuals
+    only where they lower the loss.
+    """
+
+    def __init__(self, config: CrobimUConfig):
+        super().__init__()
+        self.mask_threshold = config.udlr_mask_threshold
+        self.mask_temperature = config.udlr_mask_temperature
+        self.refiner = nn.Sequential(
+            conv_norm_act(config.mask_head_dim + 2, config.udlr_hidden_dim, 3),
+            conv_norm_act(config.udlr_hidden_dim, config.udlr_hidden_dim, 3),
+        )
+        self.residual = nn.Conv2d(config.udlr_hidden_dim, 1, 1)
+
+    def forward(
+        self, pixel_embedding: torch.Tensor, coarse_logits: torch.Tensor, uncertainty: torch.Tensor
+    ) -> torch.Tensor:
+        uncertainty = F.interpolate(uncertainty, size=coarse_logits.shape[-2:], mode="bilinear", align_corners=False)
+        residual = self.residual(self.refiner(torch.cat([pixel_embedding, coarse_logits, uncertainty], dim=1)))
+        region = torch.sigmoid((uncertainty - self.mask_threshold) / self.mask_temperature)
+        return coarse_logits + region * residual
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss per sample, averaged over the batch; `logits` and `targets` of shape `(B, 1, H, W)`."""
+    probabilities = torch.sigmoid(logits).flatten(1)
+    targets = targets.flatten(1)
+    intersection = (probabilities * targets).sum(-1)
+    total = probabilities.sum(-1) + targets.sum(-1)
+    return (1.0 - (2.0 * intersection + smooth) / (total + smooth)).mean()
+
+
+def segmentation_loss(
+    logits: torch.Tensor, targets: torch.Tensor, bce_weight: float, dice_weight: float
+) -> torch.Tensor:
+    """`Lseg = bce_weight * BCE + dice_weight * Dice` (the field's recipe is 0.9 / 0.1)."""
+    bce = F.binary_cross_entropy_with_logits(logits, targets)
+    return bce_weight * bce + dice_weight * dice_loss(logits, targets)
+
+
+def error_consistency_target(
+    logits: torch.Tensor, targets: torch.Tensor, grid_size: tuple[int, int], kind: str, pooling: str
+) -> torch.Tensor:
+    """
+    The online error-consistency target of RUS: where the model's own current prediction (detached) disagrees
+    with the ground truth, pooled to the RUS grid.
+
+    Args:
+        logits (`torch.Tensor` of shape `(B, 1, H, W)`): the final mask logits `P`.
+        targets (`torch.Tensor` of shape `(B, 1, H, W)`): the ground truth `G` in {0, 1}.
+        grid_size (`tuple[int, int]`): the RUS grid `(H/32, W/32)`.
+        kind (`str`): `"soft"`, `|sigmoid(P) - G|`, or `"hard"`, `1[(sigmoid(P) > 0.5) != G]`.
+        pooling (`str`): `"avg"` (share of error in the cell) or `"max"` (any error in the cell).
+
+    Returns:
+        `torch.Tensor` of shape `(B, 1, *grid_size)` in [0, 1], without gradient.
+    """
+    with torch.no_grad():
+        probabilities = torch.sigmoid(logits.float())
+        if kind == "soft":
+            error = (probabilities - targets).abs()
+        else:
+            error = ((probabilities > 0.5).float() != targets).float()
+        pool = F.adaptive_avg_pool2d if pooling == "avg" else F.adaptive_max_pool2d
+        return pool(error, grid_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class CrobimUPreTrainedModel(PreTrainedModel):
+    config_class = CrobimUConfig
+    config: CrobimUConfig
+    base_model_prefix = "crobim_u"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["CrobimUPromptModulationLayer", "CrobimUMutualInteractionLayer"]
+    # The loss is a mean over the batch: the Trainer must not rescale it by the number of items.
+    accepts_loss_kwargs = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, CrobimUContextAwarePromptModulation):
+            init.normal_(module.prompts, std=std)
+            init.normal_(module.level_embeddings, std=std)
+        elif isinstance(module, CrobimUUncertaintyGatedFusion):
+            # Inverse softplus, so that softplus(gate_scale) starts at ugf_gate_scale_init.
+            scale = self.config.ugf_gate_scale_init
+            init.constant_(module.gate_scale, math.log(math.expm1(scale)) if scale < 20 else scale)
+            init.constant_(module.gate_bias, self.config.ugf_gate_bias_init)
+        elif isinstance(module, CrobimUReferringUncertaintyScorer):
+            init.constant_(module.scorer[-1].bias, UNCERTAINTY_PRIOR_LOGIT)
+        elif isinstance(module, CrobimULocalRefiner):
+            init.zeros_(module.residual.weight)
+            init.zeros_(module.residual.bias)
+        elif isinstance(module, CrobimUMutualInteractionDecoder):
+            init.zeros_(module.mask_bias)
+
+
+class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
+    r"""
+    CroBIM-U for referring segmentation: given images and referring expressions, predicts the mask of the object
+    each expression refers to, and (with RUS) a referring-uncertainty map.
+
+    One image with several expressions: pass each image once in `pixel_values` and, in `image_indices`, the index
+    of the image each expression refers to. The image encoder then runs once per image, e.g.
+    `model(pixel_values[:1], input_ids[:8], attention_mask[:8], image_indices=torch.zeros(8, dtype=torch.long))`.
+    """
+
+    def __init__(self, config: CrobimUConfig):
+        super().__init__(config)
+        self.backbone = AutoBackbone.from_config(config.backbone_config)
+        if len(self.backbone.channels) != len(BACKBONE_STRIDES):
+            raise ValueError(
+                f"The backbone must output {len(BACKBONE_STRIDES)} feature maps (strides {BACKBONE_STRIDES}), "
+                f"got {len(self.backbone.channels)}."
+            )
+        self.text_encoder = AutoModel.from_config(config.text_config, add_pooling_layer=False)
+        self.visual_proj = nn.ModuleDict(
+            {
+                str(stride): nn.Sequential(
+                    nn.Conv2d(channels, config.d_model, 1, bias=False),
+                    nn.GroupNorm(math.gcd(8, config.d_model), config.d_model),
+                )
+                for stride, channels in zip(BACKBONE_STRIDES, self.backbone.channels)
+            }
+        )
+        self.text_proj = nn.Sequential(
+            nn.Linear(config.text_config.hidden_size, config.d_model), nn.LayerNorm(config.d_model)
+        )
+        self.capm = CrobimUContextAwarePromptModulation(config)
+        self.lgfa = CrobimULanguageGuidedAggregation(config)
+        self.rus = CrobimUReferringUncertaintyScorer(config) if config.use_rus else None
+        self.ugf = (
+            nn.ModuleDict({str(stride): CrobimUUncertaintyGatedFusion(config) for stride in config.ugf_levels})
+            if config.use_ugf
+            else None
+        )
+        self.mid = CrobimUMutualInteractionDecoder(config)
+        self.udlr = CrobimULocalRefiner(config) if config.use_udlr else None
+        self.post_init()
+
+    @classmethod
+    def from_pretrained_components(
+        cls,
+        backbone: str,
+        text_encoder: str,
+        config: CrobimUConfig | None = None,
+        **overrides: Any,
+    ) -> CrobimUForReferringSegmentation:
+        """
+        Builds a model around a pretrained image backbone and text encoder, loading each one's weights once; the
+        fusion, decoder and uncertainty modules start from random initialisation.
+
+        Args:
+            backbone (`str`):
+                Hub id or local folder of an AutoBackbone-compatible vision model with four stages (Swin,
+                ConvNeXt, ...), e.g. `"microsoft/swin-base-patch4-window12-384-in22k"`.
+            text_encoder (`str`):
+                Hub id or local folder of a BERT-like encoder, e.g. `"google-bert/bert-base-uncased"`.
+            config (`CrobimUConfig`, *optional*):
+                Settings of the fusion and uncertainty modules; its sub-configs are replaced by the components'.
+            overrides:
+                Config fields to set, e.g. `use_udlr=False`.
+        """
+        # `AutoBackbone.from_pretrained` asks the Hub whether the id exists, even for a local folder: resolve the
+        # backbone class from the component's config instead.
+        backbone_class = MODEL_FOR_BACKBONE_MAPPING[type(AutoConfig.from_pretrained(backbone))]
+        backbone_model = backbone_class.from_pretrained(backbone, out_features=FOUR_STAGES)
+        text_model = AutoModel.from_pretrained(text_encoder, add_pooling_layer=False)
+        settings = config.to_dict() if config is not None else {}
+        for key in ("backbone_config", "text_config", "model_type", "transformers_version", "architectures"):
+            settings.pop(key, None)
+        settings.update(overrides)
+        full_config = CrobimUConfig(
+            backbone_config=backbone_model.config.to_dict(), text_config=text_model.config.to_dict(), **settings
+        )
+        model = cls(full_config)
+        # Swap the randomly initialised encoders for the loaded ones instead of copying their weights again.
+        model.backbone = backbone_model
+        model.text_encoder = text_model
+        model.config.backbone_config = backbone_model.config
+        model.config.text_config = text_model.config
+        return model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_encoder.get_input_embeddings()
+
+    def encode_image(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
+        """
+        Runs the image encoder once and projects its four feature maps to `d_model`.
+
+        Returns:
+            `dict[int, torch.Tensor]`: stride -> `(B_images, d_model, H/stride, W/stride)`.
+        """
+        self._check_pixel_values(pixel_values)
+        feature_maps = self.backbone(pixel_values).feature_maps
+        return {
+            stride: self.visual_proj[str(stride)](feature_map)
+            for stride, feature_map in zip(BACKBONE_STRIDES, feature_maps)
+        }
+
+    def encode_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the projected word tokens `(B, L, d_model)` and the boolean word mask `(B, L)`."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}."
+            )
+        text_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            text_kwargs["token_type_ids"] = token_type_ids
+        words = self.text_proj(self.text_encoder(**text_kwargs).last_hidden_state)
+        word_mask = attention_mask.bool()
+        if not bool(word_mask.any(dim=1).all()):
+            raise ValueError("Every expression needs at least one attended token; an attention_mask row is all zeros.")
+        return words, word_mask
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        num_channels = getattr(self.config.backbone_config, "num_channels", 3)
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
+            raise ValueError(
+                f"pixel_values must have shape (batch_size, {num_channels}, height, width), "
+                f"got {tuple(pixel_values.shape)}."
+            )
+        height, width = pixel_values.shape[-2:]
+        if height % 32 or width % 32:
+            raise ValueError(
+                f"pixel_values height and width must be multiples of 32 (the coarsest stride), got {height}x{width}; "
+                "the image processor resizes to 480x480 by default."
+            )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_indices: torch.Tensor | None = None,
+        global_step: int | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CrobimUSegmentationOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, height, width)`):
+                Images from [`CrobimUImageProcessor`]; height and width multiples of 32.
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Tokenised referring expressions, one per sample.
+            attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for tokens to attend to, 0 for padding.
+            token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Passed to the text encoder.
+            labels (`torch.FloatTensor` of shape `(batch_size, height, width)`, *optional*):
+                Ground-truth masks in {0, 1} at the input resolution; the loss is computed when given.
+            image_indices (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                For each expression, the index of its image in `pixel_values`; lets several expressions share one
+                image encoding. Without it, `num_images` must equal `batch_size`.
+            global_step (`int`, *optional*):
+                The optimisation step, for the warm-up of the uncertainty loss (`uncertainty_warmup_steps`).
+                `None` applies the full weight.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        batch_size = input_ids.shape[0] if input_ids.ndim >= 1 else 0
+        self._check_pixel_values(pixel_values)
+        if image_indices is None and pixel_values.shape[0] != batch_size:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[0]} images but input_ids has {batch_size} expressions; pass "
+                "image_indices to pair several expressions with one image."
+            )
+        if image_indices is not None:
+            if image_indices.shape != (batch_size,):
+                raise ValueError(
+                    f"image_indices must have shape ({batch_size},), one image index per expression, "
+                    f"got {tuple(image_indices.shape)}."
+                )
+            if batch_size and (image_indices.min() < 0 or image_indices.max() >= pixel_values.shape[0]):
+                raise ValueError(f"image_indices must lie in [0, {pixel_values.shape[0] - 1}], got {image_indices.tolist()}.")
+        height, width = pixel_values.shape[-2:]
+        if labels is not None:
+            labels = self._check_labels(labels, batch_size, height, width, pixel_values)
+
+        visual_maps = self.encode_image(pixel_values)
+        if image_indices is not None:
+            visual_maps = {stride: feature_map[image_indices] for stride, feature_map in visual_maps.items()}
+        words, word_mask = self.encode_text(input_ids, attention_mask, token_type_ids)
+
+        language, language_mask = self.capm(words, word_mask, visual_maps)
+        sentence = masked_mean(language, language_mask)
+        fused_maps = self.lgfa(visual_maps, language, language_mask, sentence)
+
+        uncertainty_logits = uncertainty = None
+        if self.rus is not None:
+            uncertainty_logits = self.rus(fused_maps[32], language, language_mask)
+            read_logits = uncertainty_logits.detach() if self.config.detach_uncertainty else uncertainty_logits
+            uncertainty = torch.sigmoid(read_logits)
+        if self.ugf is not None:
+            for stride, gated_fusion in self.ugf.items():
+                fused_maps[int(stride)] = gated_fusion(fused_maps[int(stride)], uncertainty, language, language_mask)
+
+        coarse_logits, pixel_embedding = self.mid(fused_maps, language, language_mask)
+        fine_logits = coarse_logits if self.udlr is None else self.udlr(pixel_embedding, coarse_logits, uncertainty)
+        logits = F.interpolate(fine_logits, size=(height, width), mode="bilinear", align_corners=False)
+
+        loss = segmentation = coarse = uncertainty_loss = uncertainty_target = None
+        if labels is not None:
+            config = self.config
+            segmentation = segmentation_loss(logits, labels, config.bce_weight, config.dice_weight)
+            loss = segmentation
+            if self.udlr is not None:
+                coarse_full = F.interpolate(coarse_logits, size=(height, width), mode="bilinear", align_corners=False)
+                coarse = segmentation_loss(coarse_full, labels, config.bce_weight, config.dice_weight)
+                loss = loss + config.coarse_loss_weight * coarse
+            if uncertainty_logits is not None:
+                uncertainty_target = error_consistency_target(
+                    logits, labels, tuple(uncertainty_logits.shape[-2:]), config.uncertainty_target,
+                    config.uncertainty_pooling,
+                )
+                uncertainty_loss = F.binary_cross_entropy_with_logits(
+                    uncertainty_logits.float(), uncertainty_target
+                )
+                loss = loss + config.uncertainty_loss_weight * self.uncertainty_warmup(global_step) * uncertainty_loss
+
+        output = CrobimUSegmentationOutput(
+            loss=loss,
+            logits=logits,
+            coarse_logits=coarse_logits,
+            uncertainty_logits=uncertainty_logits,
+            segmentation_loss=segmentation,
+            coarse_loss=coarse,
+            uncertainty_loss=uncertainty_loss,
+            uncertainty_target=uncertainty_target,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def uncertainty_warmup(self, global_step: int | None) -> float:
+        """The factor in [0, 1] on `λu` at `global_step`: a linear ramp over `uncertainty_warmup_steps`."""
+        warmup_steps = self.config.uncertainty_warmup_steps
+        if global_step is None or warmup_steps == 0:
+            return 1.0
+        return min(1.0, (global_step + 1) / warmup_steps)
+
+    def _check_labels(
+        self, labels: torch.Tensor, batch_size: int, height: int, width: int, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
+        """Returns `labels` as a float `(B, 1, H, W)` tensor on the model's device, or raises a `ValueError`."""
+        if labels.ndim == 4 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if labels.shape != (batch_size, height, width):
+            raise ValueError(
+                f"labels must have shape (batch_size, height, width) = ({batch_size}, {height}, {width}) to match "
+                f"input_ids and pixel_values, got {tuple(labels.shape)}."
+            )
+        if labels.is_floating_point() and not bool(torch.isfinite(labels).all()):
+            raise ValueError("labels contain NaN or Inf; they must be binary masks in {0, 1}.")
+        labels = labels.to(device=pixel_values.device, dtype=torch.float32)
+        if bool(((labels != 0) & (labels != 1)).any()):
+            raise ValueError(
+                f"labels must be binary masks in {{0, 1}}, got values {labels.unique()[:8].tolist()}; "
+                "the image processor binarizes masks."
+            )
+        return labels.unsqueeze(1)
+
+
+__all__ = ["CrobimUPreTrainedModel", "CrobimUForReferringSegmentation", "CrobimUSegmentationOutput"]

@@ -1,0 +1,359 @@
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import TINY_VOCAB_SIZE, tiny_config, tiny_inputs, tiny_model
+from transformers import AutoModel, BertConfig, BertModel, ConvNextConfig, ConvNextModel, SwinConfig, SwinModel
+
+from crobim_u import CrobimUConfig, CrobimUForReferringSegmentation
+from crobim_u.modeling_crobim_u import dice_loss, error_consistency_target
+
+
+SWITCHES = list(itertools.product([False, True], repeat=3))
+
+
+def valid_switches():
+    # UGF and UDLR read the RUS map, so they need RUS; the other combinations are config errors (tested there).
+    return [(rus, ugf, udlr) for rus, ugf, udlr in SWITCHES if rus or not (ugf or udlr)]
+
+
+@pytest.mark.parametrize("use_rus, use_ugf, use_udlr", SWITCHES)
+def test_every_switch_combination_runs_forward_and_backward(use_rus, use_ugf, use_udlr, inputs):
+    if (use_ugf or use_udlr) and not use_rus:
+        with pytest.raises(ValueError, match="needs use_rus=True"):
+            tiny_config(use_rus=use_rus, use_ugf=use_ugf, use_udlr=use_udlr)
+        return
+    model = tiny_model(use_rus=use_rus, use_ugf=use_ugf, use_udlr=use_udlr).train()
+    outputs = model(**inputs)
+    assert outputs.logits.shape == (2, 1, 64, 64)
+    assert outputs.coarse_logits.shape == (2, 1, 16, 16)
+    if use_rus:
+        assert outputs.uncertainty_logits.shape == (2, 1, 2, 2)
+        assert outputs.uncertainty_target.shape == (2, 1, 2, 2)
+        assert outputs.uncertainty_loss.ndim == 0
+    else:
+        assert outputs.uncertainty_logits is None and outputs.uncertainty_loss is None
+    assert (outputs.coarse_loss is not None) == use_udlr
+    assert torch.isfinite(outputs.loss)
+    outputs.loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    for module in ("capm", "lgfa", "mid", "text_encoder", "visual_proj"):
+        assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith(module)), module
+    if use_rus:
+        assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("rus."))
+
+
+def test_all_off_model_is_the_crobim_base_without_uncertainty_parameters():
+    base = tiny_model(use_rus=False, use_ugf=False, use_udlr=False)
+    names = [name for name, _ in base.named_parameters()]
+    assert not [n for n in names if n.startswith(("rus.", "ugf.", "udlr."))]
+    full = tiny_model()
+    extra = {n for n, _ in full.named_parameters()} - set(names)
+    assert extra and all(n.startswith(("rus.", "ugf.", "udlr.")) for n in extra)
+
+
+def test_ugf_is_built_only_at_the_configured_strides():
+    model = tiny_model(ugf_levels=[16, 32])
+    assert sorted(int(stride) for stride in model.ugf.keys()) == [16, 32]
+
+
+def test_detached_uncertainty_reaches_rus_only_through_its_own_loss(inputs):
+    model = tiny_model(detach_uncertainty=True).train()
+    outputs = model(**inputs)
+    (outputs.segmentation_loss + outputs.coarse_loss).backward()
+    rus_grads = [p.grad for n, p in model.named_parameters() if n.startswith("rus.")]
+    assert all(g is None or g.abs().sum() == 0 for g in rus_grads)
+    # The other losses do train the rest of the model.
+    assert model.udlr.residual.weight.grad.abs().sum() > 0
+
+    model.zero_grad()
+    model(**inputs).uncertainty_loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("rus.scorer"))
+
+
+def test_attached_uncertainty_lets_the_segmentation_loss_train_rus(inputs):
+    model = tiny_model(detach_uncertainty=False).train()
+    model(**inputs).segmentation_loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("rus."))
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = tiny_model().train()
+    batch = tiny_inputs(batch_size=2, size=64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(100):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
+
+
+def test_loss_terms_add_up_with_their_weights(inputs):
+    model = tiny_model(coarse_loss_weight=0.3, uncertainty_loss_weight=2.0, uncertainty_warmup_steps=10)
+    outputs = model(**inputs, global_step=4)
+    expected = outputs.segmentation_loss + 0.3 * outputs.coarse_loss + 2.0 * 0.5 * outputs.uncertainty_loss
+    torch.testing.assert_close(outputs.loss, expected)
+    assert model.uncertainty_warmup(None) == 1.0
+    assert model.uncertainty_warmup(0) == pytest.approx(0.1)
+    assert model.uncertainty_warmup(500) == 1.0
+
+
+def test_error_consistency_target_by_hand():
+    logits = torch.full((1, 1, 4, 4), -10.0)
+    logits[..., :2, :2] = 10.0  # predicted foreground: the top-left quarter
+    targets = torch.zeros(1, 1, 4, 4)
+    targets[..., :2, :] = 1.0  # true foreground: the top half
+    soft_avg = error_consistency_target(logits, targets, (2, 2), "soft", "avg")
+    torch.testing.assert_close(soft_avg, torch.tensor([[[[0.0, 1.0], [0.0, 0.0]]]]), atol=1e-4, rtol=0)
+    hard_max = error_consistency_target(logits, targets, (1, 1), "hard", "max")
+    assert hard_max.item() == 1.0
+    hard_avg = error_consistency_target(logits, targets, (1, 1), "hard", "avg")
+    assert hard_avg.item() == pytest.approx(4 / 16)
+    assert not error_consistency_target(logits.requires_grad_(), targets, (2, 2), "soft", "avg").requires_grad
+
+
+def test_dice_loss_is_zero_for_a_perfect_prediction_and_high_for_the_opposite():
+    targets = torch.zeros(1, 1, 8, 8)
+    targets[..., 2:6, 2:6] = 1
+    assert dice_loss(targets * 40 - 20, targets).item() < 1e-3
+    assert dice_loss(20 - targets * 40, targets).item() > 0.9
+
+
+def test_save_and_reload_gives_identical_logits_from_safetensors_only(model, inputs, tmp_path):
+    model.save_pretrained(tmp_path)
+    files = sorted(os.listdir(tmp_path))
+    assert "model.safetensors" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    assert {"configuration_crobim_u.py", "modeling_crobim_u.py"} <= set(files)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModel"] == "modeling_crobim_u.CrobimUForReferringSegmentation"
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded, CrobimUForReferringSegmentation)
+    inputs.pop("labels")
+    with torch.no_grad():
+        expected, got = model(**inputs), reloaded(**inputs)
+    assert torch.equal(expected.logits, got.logits)
+    assert torch.equal(expected.uncertainty_logits, got.uncertainty_logits)
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+# Runs in a fresh interpreter in which `import crobim_u` fails, so only the code shipped in the folder can load it.
+REMOTE_CODE_SCRIPT = textwrap.dedent(
+    """
+    import sys, importlib.abc
+
+    class BlockCrobimU(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "crobim_u" or name.startswith("crobim_u."):
+                raise ImportError("crobim_u is blocked in this process")
+
+    sys.meta_path.insert(0, BlockCrobimU())
+    import torch
+    from transformers import AutoModel
+    try:
+        import crobim_u
+        raise SystemExit("crobim_u should not be importable here")
+    except ImportError:
+        pass
+    folder, inputs_file, output_file = sys.argv[1:4]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    inputs = torch.load(inputs_file, weights_only=True)
+    with torch.no_grad():
+        outputs = model(**inputs)
+    torch.save({"logits": outputs.logits, "uncertainty": outputs.uncertainty_logits}, output_file)
+    """
+)
+
+
+def run_without_crobim_u(script: str, *args: str, tmp_path) -> subprocess.CompletedProcess:
+    """Runs `script` in a new Python process where `crobim_u` cannot be imported."""
+    environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_folder_loads_with_trust_remote_code_where_crobim_u_cannot_be_imported(model, inputs, tmp_path):
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(folder)
+    inputs.pop("labels")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    result = run_without_crobim_u(
+        REMOTE_CODE_SCRIPT, str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt"), tmp_path=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = torch.load(tmp_path / "out.pt", weights_only=True)
+    with torch.no_grad():
+        local = model(**inputs)
+    assert torch.equal(remote["logits"], local.logits)
+    assert torch.equal(remote["uncertainty"], local.uncertainty_logits)
+
+
+SWIN_TINY = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 4], "window_size": 4, "image_size": 64}
+CONVNEXT_TINY = {"hidden_sizes": [8, 16, 32, 64], "depths": [1, 1, 1, 1]}
+BERT_TINY = {"vocab_size": TINY_VOCAB_SIZE, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 64}
+
+
+@pytest.mark.parametrize(
+    "vision_class, vision_config",
+    [(SwinModel, SwinConfig(**SWIN_TINY)), (ConvNextModel, ConvNextConfig(**CONVNEXT_TINY))],
+    ids=["swin", "convnext"],
+)
+def test_from_pretrained_components_loads_the_component_weights_exactly(vision_class, vision_config, tmp_path):
+    torch.manual_seed(0)
+    vision, text = vision_class(vision_config), BertModel(BertConfig(**BERT_TINY))
+    vision.save_pretrained(tmp_path / "vision")
+    text.save_pretrained(tmp_path / "text")
+
+    model = CrobimUForReferringSegmentation.from_pretrained_components(
+        str(tmp_path / "vision"), str(tmp_path / "text"), config=tiny_config(), use_udlr=False
+    )
+    assert model.config.use_udlr is False
+    assert model.config.d_model == tiny_config().d_model
+    assert model.config.backbone_config.model_type == vision_config.model_type
+    assert model.config.text_config.hidden_size == 32
+
+    # The backbone wraps the vision model (Swin nests it under `swin.`): compare every tensor it shares.
+    backbone_state = model.backbone.state_dict()
+    compared = 0
+    for name, tensor in vision.state_dict().items():
+        for candidate in (name, f"swin.{name}"):
+            if candidate in backbone_state:
+                assert torch.equal(backbone_state[candidate], tensor), name
+                compared += 1
+    assert compared >= len(vision.state_dict()) - 2  # all but the classification-only final norm
+    text_state = model.text_encoder.state_dict()
+    for name, tensor in text.state_dict().items():
+        if not name.startswith("pooler."):
+            assert torch.equal(text_state[name], tensor), name
+
+    inputs = tiny_inputs(batch_size=1, size=64)
+    assert model(**inputs).logits.shape == (1, 1, 64, 64)
+
+
+@pytest.mark.parametrize("switches", valid_switches())
+def test_sdpa_and_eager_attention_give_the_same_outputs(switches, inputs):
+    use_rus, use_ugf, use_udlr = switches
+    config = tiny_config(use_rus=use_rus, use_ugf=use_ugf, use_udlr=use_udlr)
+    torch.manual_seed(0)
+    sdpa = CrobimUForReferringSegmentation._from_config(config, attn_implementation="sdpa").eval()
+    eager = CrobimUForReferringSegmentation._from_config(config, attn_implementation="eager").eval()
+    eager.load_state_dict(sdpa.state_dict())
+    assert eager.config._attn_implementation == "eager"
+    assert eager.text_encoder.config._attn_implementation == "eager"
+    with torch.no_grad():
+        a, b = sdpa(**inputs), eager(**inputs)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(inputs):
+    plain = tiny_model().train()
+    checkpointed = tiny_model().train()
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert checkpointed.capm.layers[0].gradient_checkpointing
+    assert checkpointed.mid.levels["32"][0].gradient_checkpointing
+    # Swin's stochastic depth draws random numbers in training mode: give both runs the same draws.
+    torch.manual_seed(1)
+    loss_a = plain(**inputs).loss
+    torch.manual_seed(1)
+    loss_b = checkpointed(**inputs).loss
+    loss_a.backward()
+    loss_b.backward()
+    torch.testing.assert_close(loss_a, loss_b)
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_one_image_with_several_expressions_is_encoded_once(model):
+    inputs = tiny_inputs(batch_size=3, size=64)
+    image = inputs["pixel_values"][:1]
+    calls = []
+    handle = model.backbone.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        shared = model(
+            pixel_values=image,
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            image_indices=torch.zeros(3, dtype=torch.long),
+        )
+        assert calls == [1]
+        separate = model(
+            pixel_values=image.expand(3, -1, -1, -1),
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+        )
+    handle.remove()
+    torch.testing.assert_close(shared.logits, separate.logits, atol=1e-5, rtol=1e-5)
+    assert shared.logits.shape == (3, 1, 64, 64)
+
+
+def test_padding_does_not_change_the_prediction(model):
+    inputs = tiny_inputs(batch_size=1, size=64, length=5)
+    inputs.pop("labels")
+    inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
+    padded_ids = torch.cat([inputs["input_ids"], torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    padded_mask = torch.cat([inputs["attention_mask"], torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        padded = model(inputs["pixel_values"], padded_ids, padded_mask).logits
+    torch.testing.assert_close(plain, padded, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda b: b.update(pixel_values=b["pixel_values"][0]), r"pixel_values must have shape \(batch_size, 3"),
+        (lambda b: b.update(pixel_values=b["pixel_values"][:, :1]), r"got \(2, 1, 64, 64\)"),
+        (lambda b: b.update(pixel_values=b["pixel_values"][..., :50, :50]), "multiples of 32"),
+        (lambda b: b.update(input_ids=b["input_ids"][:1], attention_mask=b["attention_mask"][:1], labels=None),
+         "2 images but input_ids has 1 expressions"),
+        (lambda b: b.update(labels=b["labels"][:, :32]), r"labels must have shape .* \(2, 64, 64\).* got \(2, 32, 64\)"),
+        (lambda b: b.update(labels=b["labels"][:1]), r"got \(1, 64, 64\)"),
+        (lambda b: b.update(labels=b["labels"] * 255), r"binary masks in \{0, 1\}"),
+        (lambda b: b.update(labels=b["labels"] * float("nan")), "NaN or Inf"),
+        (lambda b: b.update(attention_mask=b["attention_mask"][:, :3]), "does not match input_ids"),
+        (lambda b: b.update(attention_mask=torch.zeros_like(b["attention_mask"])), "at least one attended token"),
+        (lambda b: b.update(image_indices=torch.tensor([0, 5])), r"image_indices must lie in \[0, 1\]"),
+        (lambda b: b.update(image_indices=torch.tensor([0])), r"image_indices must have shape \(2,\)"),
+    ],
+)
+def test_bad_inputs_raise_value_errors_that_name_the_shapes(model, inputs, change, message):
+    change(inputs)
+    with pytest.raises(ValueError, match=message):
+        model(**inputs)
+
+
+def test_labels_in_other_dtypes_are_accepted(model, inputs):
+    with torch.no_grad():
+        expected = model(**inputs).loss
+        for labels in (inputs["labels"].long(), inputs["labels"].bool(), inputs["labels"].unsqueeze(1)):
+            torch.testing.assert_close(model(**{**inputs, "labels": labels}).loss, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["swin-base", "convnext-base"])
+def test_full_size_presets_build_and_run_one_forward_at_480(preset):
+    torch.manual_seed(0)
+    model = CrobimUForReferringSegmentation(CrobimUConfig.from_preset(preset)).eval()
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"{preset}: {parameters / 1e6:.1f} M parameters")
+    assert parameters > 100e6
+    with torch.no_grad():
+        outputs = model(pixel_values=torch.randn(1, 3, 480, 480), input_ids=torch.randint(0, 30522, (1, 20)))
+    assert outputs.logits.shape == (1, 1, 480, 480)
+    assert outputs.uncertainty_logits.shape == (1, 1, 15, 15)
+    assert torch.isfinite(outputs.logits).all()
