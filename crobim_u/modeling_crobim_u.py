@@ -11,6 +11,8 @@ that changes it where one exists.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +31,22 @@ from .configuration_crobim_u import BACKBONE_STRIDES, FOUR_STAGES, CrobimUConfig
 DECODER_STRIDES = (32, 16, 8)
 # CAPM reads visual context at these strides (stride 4 adds many tokens and little context).
 CONTEXT_STRIDES = (8, 16, 32)
+# Files that travel with every checkpoint, so that it loads with `trust_remote_code=True` where the package is absent.
+SHIPPED_MODULES = (
+    "configuration_crobim_u",
+    "modeling_crobim_u",
+    "image_processing_crobim_u",
+    "processing_crobim_u",
+    "pipeline_crobim_u",
+)
+# Written into config.json: `pipeline(model=folder, trust_remote_code=True)` finds the task and its code here.
+CUSTOM_PIPELINES = {
+    "referring-image-segmentation": {
+        "impl": "pipeline_crobim_u.CrobimUReferringSegmentationPipeline",
+        "pt": ["AutoModel"],
+        "type": "multimodal",
+    }
+}
 # Prior log-odds of the RUS logits: most pixels of a referring mask are predicted correctly.
 UNCERTAINTY_PRIOR_LOGIT = -2.0
 
@@ -573,6 +591,29 @@ class CrobimUPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["CrobimUPromptModulationLayer", "CrobimUMutualInteractionLayer"]
     # The loss is a mean over the batch: the Trainer must not rescale it by the number of items.
     accepts_loss_kwargs = False
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """
+        Saves the weights (safetensors), the config and the code of every shipped module (model, config,
+        processors, pipeline), so the folder loads and runs the pipeline with `trust_remote_code=True` alone.
+        """
+        # Only the saved config carries the pipeline entry: in memory it would make `pipeline(model=model)` ask for
+        # `trust_remote_code` even where the package is installed.
+        had_entry = hasattr(self.config, "custom_pipelines")
+        self.config.custom_pipelines = CUSTOM_PIPELINES
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if not had_entry:
+                del self.config.custom_pipelines
+        if not kwargs.get("is_main_process", True) or not os.path.isdir(save_directory):
+            return
+        here = os.path.dirname(os.path.abspath(__file__))
+        for module_name in SHIPPED_MODULES:
+            source, target = os.path.join(here, f"{module_name}.py"), os.path.join(save_directory, f"{module_name}.py")
+            # A model loaded as remote code may not have every sibling next to it: ship what there is.
+            if os.path.isfile(source) and not os.path.isfile(target):
+                shutil.copyfile(source, target)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
