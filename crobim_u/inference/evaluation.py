@@ -1,0 +1,101 @@
+"""Scoring a model (or a reference answer such as the class-only masks) on a referring-segmentation split."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from tqdm.auto import tqdm
+
+from ..metrics import ReferringSegmentationMetric, UncertaintyQualityMetric
+
+
+def _mask_tensor(mask: Any) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(mask) > 0)
+
+
+@torch.no_grad()
+def evaluate_referring_segmentation(
+    model: torch.nn.Module,
+    processor: Any,
+    dataset: Dataset,
+    batch_size: int = 8,
+    size: int | None = None,
+    strict: bool = False,
+    uncertainty_metrics: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """
+    Runs `model` over `dataset` and scores it with the field's metrics, streaming per-sample counts.
+
+    Each prediction is upsampled to its ground truth's original size (or, with `size`, both are resized to
+    `size × size`) before counting, so the numbers do not depend on the model's input resolution.
+
+    Args:
+        model ([`CrobimUForReferringSegmentation`]): The model, in eval mode on its device.
+        processor ([`CrobimUProcessor`]): Prepares images and expressions.
+        dataset (`datasets.Dataset`): Canonical records (`image`, `mask`, `expression`).
+        batch_size (`int`, *optional*, defaults to 8): Expressions per forward pass.
+        size (`int`, *optional*): Score at a fixed square resolution instead of the original one.
+        strict (`bool`, *optional*, defaults to `False`): Pr@X counts `IoU > X` instead of `IoU ≥ X`.
+        uncertainty_metrics (`bool`, *optional*, defaults to `False`): Also compute AUROC, AURC and ECE of the
+            uncertainty map (models with RUS only; at the original resolution).
+        progress (`bool`, *optional*, defaults to `True`): Show a progress bar.
+
+    Returns:
+        `dict`: `oIoU`, `mIoU`, `Pr@0.5` … `Pr@0.9` (fractions), `num_samples`, and with `uncertainty_metrics`
+        also `auroc`, `aurc`, `ece`.
+    """
+    if uncertainty_metrics and not model.config.use_rus:
+        raise ValueError("uncertainty_metrics needs a model with RUS (config.use_rus=True).")
+    device = next(model.parameters()).device
+    metric = ReferringSegmentationMetric(size=size, strict=strict)
+    uncertainty_metric = UncertaintyQualityMetric() if uncertainty_metrics else None
+    for start in tqdm(range(0, len(dataset), batch_size), desc="evaluate", disable=not progress, unit="batch"):
+        rows = dataset[start : start + batch_size]
+        inputs = processor(images=rows["image"], text=rows["expression"])
+        inputs.pop("original_sizes")
+        outputs = model(**{key: value.to(device) for key, value in inputs.items()})
+        for index, mask in enumerate(rows["mask"]):
+            labels = _mask_tensor(mask).to(device)[None]
+            logits = outputs.logits[index : index + 1]
+            metric.update(logits, labels)
+            if uncertainty_metric is not None:
+                full_size = tuple(labels.shape[-2:])
+                probabilities = torch.sigmoid(F.interpolate(logits, size=full_size, mode="bilinear", align_corners=False))
+                uncertainty = torch.sigmoid(
+                    F.interpolate(
+                        outputs.uncertainty_logits[index : index + 1], size=full_size, mode="bilinear",
+                        align_corners=False,
+                    )
+                )
+                uncertainty_metric.update(probabilities, uncertainty, labels)
+    results = metric.compute()
+    if uncertainty_metric is not None:
+        quality = uncertainty_metric.compute()
+        results.update(auroc=quality["auroc"], aurc=quality["aurc"], ece=quality["ece"])
+    return results
+
+
+def evaluate_reference_masks(
+    dataset: Dataset, column: str, size: int | None = None, strict: bool = False
+) -> dict[str, Any]:
+    """
+    Scores fixed answers stored in the data set, e.g. the synthetic benchmark's `class_mask` (every object of the
+    referred class), with the same metrics as [`evaluate_referring_segmentation`].
+
+    Args:
+        dataset (`datasets.Dataset`): Records with `mask` and `column`.
+        column (`str`): The column holding the answer masks.
+        size (`int`, *optional*): Score at a fixed square resolution.
+        strict (`bool`, *optional*, defaults to `False`): Pr@X counts `IoU > X`.
+    """
+    if column not in dataset.column_names:
+        raise ValueError(f"The data set has no column {column!r}; columns: {dataset.column_names}.")
+    metric = ReferringSegmentationMetric(size=size, strict=strict)
+    for row in dataset.select_columns(["mask", column]):
+        metric.update(_mask_tensor(row[column])[None], _mask_tensor(row["mask"])[None])
+    return metric.compute()
