@@ -5,12 +5,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import pathlib
+
 import pytest
 import torch
 
 from crobim_u import CrobimUConfig, CrobimUForReferringSegmentation
 
 TINY_VOCAB_SIZE = 99
+
+# Third-party fixtures (test use only, never copied into the repository): ../shared/data/real beside the checkout,
+# or wherever CROBIM_U_REAL_DATA points.
+REAL_DATA = pathlib.Path(
+    os.environ.get("CROBIM_U_REAL_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
+)
+REAL_800 = REAL_DATA / "geochat" / "demo_images" / "04133.png"  # 800x800
+REAL_1111 = REAL_DATA / "dota-devkit" / "example" / "images" / "P0706.png"  # 1111 wide, 1182 high
+needs_real_data = pytest.mark.skipif(not REAL_800.exists(), reason=f"real test images not found under {REAL_DATA}")
 
 
 def tiny_config(**overrides) -> CrobimUConfig:

@@ -17,9 +17,7 @@ from crobim_u import image_processing_crobim_u
 from crobim_u.image_processing_crobim_u import CrobimUImageProcessor
 
 
-REAL = pathlib.Path("/work/shared/data/real")
-REAL_800 = REAL / "geochat/demo_images/04133.png"  # 800x800
-REAL_1111 = REAL / "dota-devkit/example/images/P0706.png"  # 1111 wide, 1182 high
+from conftest import REAL_800, REAL_1111, needs_real_data  # noqa: E402
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # One 8-bit level after normalization, the tolerance of every colour comparison.
@@ -112,6 +110,7 @@ def test_numpy_output_when_return_tensors_is_none(processor):
         assert outputs.original_sizes == [(40, 40)]
 
 
+@needs_real_data
 def test_real_images(processor):
     outputs = processor([REAL_800, str(REAL_1111)])
     assert outputs.original_sizes == [(800, 800), (1182, 1111)]
@@ -447,6 +446,7 @@ def model_outputs(batch_size: int = 2, size: int = 480, uncertainty: bool = True
     return SimpleNamespace(logits=logits, uncertainty_logits=uncertainty_logits if uncertainty else None)
 
 
+@needs_real_data
 def test_post_processing_restores_each_original_size(processor):
     inputs = processor([REAL_800, REAL_1111])
     results = processor.post_process_referring_segmentation(model_outputs(), target_sizes=inputs.original_sizes)

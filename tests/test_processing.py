@@ -1,13 +1,12 @@
 """Processor and pipeline: pairing, sizes, saving together, and reloading with and without the package."""
 
 import json
-import pathlib
 import textwrap
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import REAL_800, REAL_1111, needs_real_data, tiny_model
 from PIL import Image, ImageDraw
 from test_modeling import run_without_crobim_u
 from transformers import AutoImageProcessor, AutoModel, AutoProcessor, BertTokenizer, pipeline
@@ -15,10 +14,6 @@ from transformers import AutoImageProcessor, AutoModel, AutoProcessor, BertToken
 import crobim_u
 from crobim_u import CrobimUImageProcessor, CrobimUProcessor, CrobimUReferringSegmentationPipeline
 
-REAL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
-REAL_800 = REAL / "geochat" / "demo_images" / "04133.png"
-REAL_1111 = REAL / "dota-devkit" / "example" / "images" / "P0706.png"  # 1111 wide, 1182 high
-needs_real_data = pytest.mark.skipif(not REAL_800.exists(), reason="../shared/data/real is not laid out here")
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "red", "car", "left", "of", "large", "building",
          "white", "on", "right", "airplane", "baseball", "field", "is"]
