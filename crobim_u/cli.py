@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_evaluate_parser(subparsers)
+    from .training.run import add_train_parser
+    add_train_parser(subparsers)
     return parser
 
 
