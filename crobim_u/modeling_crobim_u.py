@@ -780,11 +780,12 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
     def forward(
         self,
         pixel_values: torch.Tensor,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_indices: torch.Tensor | None = None,
+        text_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         global_step: int | None = None,
         return_dict: bool | None = None,
         **kwargs: Any,
@@ -804,12 +805,25 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
             image_indices (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
                 For each expression, the index of its image in `pixel_values`; lets several expressions share one
                 image encoding. Without it, `num_images` must equal `batch_size`.
+            text_embeddings (`tuple(torch.FloatTensor, torch.BoolTensor)`, *optional*):
+                The output of [`~CrobimUForReferringSegmentation.encode_text`], words `(batch_size, sequence_length,
+                d_model)` and their mask, instead of `input_ids`: encode an expression once and reuse it, e.g. over
+                the windows of a large scene.
             global_step (`int`, *optional*):
                 The optimisation step, for the warm-up of the uncertainty loss (`uncertainty_warmup_steps`).
                 `None` applies the full weight.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        batch_size = input_ids.shape[0] if input_ids.ndim >= 1 else 0
+        if (input_ids is None) == (text_embeddings is None):
+            raise ValueError("Pass exactly one of input_ids and text_embeddings.")
+        if text_embeddings is not None:
+            words, word_mask = text_embeddings
+            if words.ndim != 3 or words.shape[-1] != self.config.d_model or word_mask.shape != words.shape[:2]:
+                raise ValueError(
+                    f"text_embeddings must be words (batch_size, sequence_length, {self.config.d_model}) and a mask "
+                    f"(batch_size, sequence_length), got {tuple(words.shape)} and {tuple(word_mask.shape)}."
+                )
+        batch_size = (input_ids if text_embeddings is None else words).shape[0]
         self._check_pixel_values(pixel_values)
         if image_indices is None and pixel_values.shape[0] != batch_size:
             raise ValueError(
@@ -831,7 +845,8 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
         visual_maps = self.encode_image(pixel_values)
         if image_indices is not None:
             visual_maps = {stride: feature_map[image_indices] for stride, feature_map in visual_maps.items()}
-        words, word_mask = self.encode_text(input_ids, attention_mask, token_type_ids)
+        if text_embeddings is None:
+            words, word_mask = self.encode_text(input_ids, attention_mask, token_type_ids)
 
         language, language_mask = self.capm(words, word_mask, visual_maps)
         sentence = masked_mean(language, language_mask)

@@ -14,6 +14,10 @@ from crobim_u import CrobimUConfig, CrobimUForReferringSegmentation
 
 TINY_VOCAB_SIZE = 99
 
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine (or beside the multi-process tests)
+# spinning threads make each forward pass many times slower.
+torch.set_num_threads(1)
+
 # Third-party fixtures (test use only, never copied into the repository): ../shared/data/real beside the checkout,
 # or wherever CROBIM_U_REAL_DATA points.
 REAL_DATA = pathlib.Path(

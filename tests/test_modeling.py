@@ -357,3 +357,16 @@ def test_full_size_presets_build_and_run_one_forward_at_480(preset):
     assert outputs.logits.shape == (1, 1, 480, 480)
     assert outputs.uncertainty_logits.shape == (1, 1, 15, 15)
     assert torch.isfinite(outputs.logits).all()
+
+
+def test_precomputed_text_embeddings_give_the_same_prediction(model, inputs):
+    inputs.pop("labels")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        words, word_mask = model.encode_text(inputs["input_ids"], inputs["attention_mask"])
+        got = model(pixel_values=inputs["pixel_values"], text_embeddings=(words, word_mask)).logits
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="exactly one of input_ids and text_embeddings"):
+        model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"], text_embeddings=(words, word_mask))
+    with pytest.raises(ValueError, match="text_embeddings must be words"):
+        model(pixel_values=inputs["pixel_values"], text_embeddings=(words[..., :5], word_mask))

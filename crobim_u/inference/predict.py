@@ -1,0 +1,376 @@
+"""
+`crobim-u predict`: referring segmentation of image files, folders, list files and GeoTIFF scenes of any size.
+
+For each input and expression it writes a mask, an uncertainty map and an overlay picture, and appends a record to
+`results.jsonl`. A file that cannot be read or segmented is recorded as failed and skipped; the others go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .geo import GeoTiffScene, is_georeferenced_tiff, mask_to_geojson, write_mask_geotiff, write_uncertainty_geotiff
+from .tiling import MODES, ArrayScene, SceneReader, SceneResult, model_input_size, predict_scene
+from .visualize import draw_overlay, heatmap
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+TIFF_SUFFIXES = (".tif", ".tiff")
+# `tile="auto"` tiles a scene when a side exceeds the window by more than this factor; below it, resizing the whole
+# image to the model input loses little detail and keeps the global context.
+TILE_FACTOR = 1.5
+OVERLAY_MAX_SIDE = 2048
+# Scene-sized arrays held per pass over a scene (~9 bytes per pixel and expression, see tiling): expressions beyond
+# this budget are run in further passes.
+MEMORY_BUDGET = 2 * 2**30
+BYTES_PER_PIXEL = 9
+RESULTS_FILE = "results.jsonl"
+# Fast PNG compression: level 6 (Pillow's default) spends several times longer for ~10% smaller files.
+PNG_OPTIONS = {"compress_level": 1}
+
+
+@dataclass
+class PredictOptions:
+    """
+    Settings of [`predict_files`]; see `crobim-u predict --help`.
+
+    Attributes:
+        tile (`str`): `"auto"` (tile scenes over `TILE_FACTOR` x the window), `"always"` or `"never"` (resize).
+        mode (`str`): How to tile: `"tiled"` or `"downsample-refine"`.
+        window (`int`, *optional*): Window side in scene pixels; defaults to the model input side.
+        overlap (`float`): Overlap of neighbouring windows, a fraction of the window.
+        batch_size (`int`): Windows per forward pass.
+        threshold (`float`): Probability above which a pixel is in the mask.
+        bands (`tuple[int, ...]`, *optional*): 1-based bands of raster inputs.
+        percentiles (`tuple[float, float]`): Stretch of non-uint8 raster inputs.
+    """
+
+    tile: str = "auto"
+    mode: str = "tiled"
+    window: int | None = None
+    overlap: float = 0.25
+    batch_size: int = 4
+    threshold: float = 0.5
+    bands: tuple[int, ...] | None = None
+    percentiles: tuple[float, float] = (2.0, 98.0)
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
+    """
+    Image paths from `inputs`: files as given; folders become their image files (by suffix, sorted, not recursive);
+    `.txt` files are lists of paths or folders, one per line (relative to the list's folder; blank lines and lines
+    starting with `#` skipped). Missing paths are kept, to be reported as failures.
+    """
+    paths: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            children = sorted(child for child in path.iterdir() if child.is_file())
+            paths.extend(str(child) for child in children if child.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.suffix.lower() == ".txt" and path.is_file():
+            lines = [line.strip() for line in path.read_text().splitlines()]
+            entries = [path.parent / line for line in lines if line and not line.startswith("#")]
+            paths.extend(expand_inputs([entry for entry in entries if entry.suffix.lower() != ".txt"]))
+        else:
+            paths.append(str(path))
+    return paths
+
+
+def open_scene(
+    path: str | os.PathLike, bands: Sequence[int] | None = None, percentiles: tuple[float, float] = (2.0, 98.0)
+) -> SceneReader:
+    """
+    Opens an input: TIFFs with rasterio as a lazy [`GeoTiffScene`] (band choice and stretch apply); other images, and
+    plain TIFFs when rasterio is missing, with PIL into memory. A georeferenced or PIL-unreadable TIFF without
+    rasterio raises the `ImportError` that names the `geo` extra.
+    """
+    if Path(path).suffix.lower() in TIFF_SUFFIXES:
+        try:
+            return GeoTiffScene(path, bands=bands, percentiles=percentiles)
+        except ImportError:
+            if is_georeferenced_tiff(path):
+                raise
+    with Image.open(path) as image:
+        image.load()
+        return ArrayScene(image)
+
+
+def choose_mode(height: int, width: int, window: tuple[int, int], options: PredictOptions) -> str:
+    """The tiling mode for a scene: `options.mode` when tiling applies (see `PredictOptions.tile`), else `"resize"`."""
+    if options.tile == "never":
+        return "resize"
+    if options.tile == "always" or max(height / window[0], width / window[1]) > TILE_FACTOR:
+        return options.mode
+    return "resize"
+
+
+def _slug(expression: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", expression.lower()).strip("-")[:40] or "expression"
+
+
+def _heatmap_image(values: np.ndarray) -> Image.Image:
+    """`visualize.heatmap` strip by strip, whose float temporaries would be ~40 bytes per pixel on a whole scene."""
+    height, width = values.shape
+    canvas = Image.new("RGB", (width, height))
+    for start in range(0, height, 512):
+        canvas.paste(heatmap(values[start : start + 512]), (0, start))
+    return canvas
+
+
+class _OverlayPicture:
+    """The scene at most `OVERLAY_MAX_SIDE` pixels on its long side, read once per input, and the sampling of maps."""
+
+    def __init__(self, scene: SceneReader):
+        height, width = scene.height, scene.width
+        scale = max(1.0, max(height, width) / OVERLAY_MAX_SIDE)
+        shape = (max(1, round(height / scale)), max(1, round(width / scale)))
+        self.image = Image.fromarray(scene.read(0, 0, height, width, None if scale == 1 else shape))
+        self.rows = (np.arange(shape[0]) * height // shape[0]) if scale > 1 else slice(None)
+        self.cols = (np.arange(shape[1]) * width // shape[1]) if scale > 1 else slice(None)
+
+    def sample(self, values: np.ndarray | None) -> np.ndarray | None:
+        if values is None:
+            return None
+        if isinstance(self.rows, slice):
+            return values
+        return values[self.rows][:, self.cols]
+
+
+def _write_outputs(
+    result: SceneResult, scene: SceneReader, overlay: _OverlayPicture, base: Path, record: dict[str, Any]
+) -> None:
+    """Writes one result's mask, uncertainty, overlay (and GeoJSON for georeferenced inputs) and fills `record`."""
+    georeferenced = isinstance(scene, GeoTiffScene) and scene.georeferenced
+    if georeferenced:
+        record["mask"] = f"{base}_mask.tif"
+        write_mask_geotiff(record["mask"], result.mask, scene.crs, scene.transform)
+        if result.uncertainty is not None:
+            record["uncertainty"] = f"{base}_uncertainty.tif"
+            write_uncertainty_geotiff(record["uncertainty"], result.uncertainty, scene.crs, scene.transform)
+        record["geojson"] = f"{base}_mask.geojson"
+        record["num_polygons"] = mask_to_geojson(
+            record["geojson"], result.mask, scene.transform, scene.crs, {"expression": result.expression}
+        )
+        record["crs"] = None if scene.crs is None else scene.crs.to_string()
+    else:
+        record["mask"] = f"{base}_mask.png"
+        Image.fromarray(result.mask.view(np.uint8) * np.uint8(255)).save(record["mask"], **PNG_OPTIONS)
+        if result.uncertainty is not None:
+            record["uncertainty"] = f"{base}_uncertainty.png"
+            _heatmap_image(result.uncertainty).save(record["uncertainty"], **PNG_OPTIONS)
+    record["overlay"] = f"{base}_overlay.png"
+    uncertainty = overlay.sample(result.uncertainty)
+    draw_overlay(
+        overlay.image,
+        overlay.sample(result.mask),
+        None if uncertainty is None else uncertainty.astype(np.float32),
+        result.expression,
+    ).save(record["overlay"], **PNG_OPTIONS)
+
+
+def _predict_input(
+    path: str,
+    stem: str,
+    model: Any,
+    processor: Any,
+    expressions: list[str],
+    output_dir: Path,
+    options: PredictOptions,
+    records: list[dict[str, Any]],
+    progress: bool,
+) -> None:
+    """Segments one input for every expression, appending one record per expression as it is written."""
+    with ExitStack() as stack:
+        scene = open_scene(path, options.bands, options.percentiles)
+        if hasattr(scene, "close"):
+            stack.callback(scene.close)
+        window = model_input_size(processor) if options.window is None else (options.window, options.window)
+        mode = choose_mode(scene.height, scene.width, window, options)
+        per_pass = max(1, MEMORY_BUDGET // (BYTES_PER_PIXEL * scene.height * scene.width))
+        overlay = None
+        for first in range(0, len(expressions), per_pass):
+            group = expressions[first : first + per_pass]
+            start = time.perf_counter()
+            results = predict_scene(
+                model, processor, scene, group, window=window, overlap=options.overlap,
+                batch_size=options.batch_size, mode=mode, threshold=options.threshold, progress=progress,
+            )
+            seconds = (time.perf_counter() - start) / len(group)
+            if overlay is None:
+                overlay = _OverlayPicture(scene)
+            for index, result in enumerate(results, start=first):
+                area = int(np.count_nonzero(result.mask))
+                record = _record(path, result.expression, "ok")
+                record.update(
+                    height=scene.height, width=scene.width, mode=result.mode, num_windows=result.num_windows,
+                    score=round(result.score, 6), mask_area=area, mask_fraction=area / result.mask.size,
+                    seconds=round(seconds, 3),
+                )
+                base = output_dir / f"{stem}_{index}_{_slug(result.expression)}"
+                _write_outputs(result, scene, overlay, base, record)
+                records.append(record)
+            del results, result  # the next pass allocates its own scene-sized arrays
+
+
+def _unique_stem(stem: str, taken: set[str]) -> str:
+    """`stem`, or `stem-2`, `stem-3`... for inputs of the same name from different folders."""
+    name, number = stem, 1
+    while name in taken:
+        number += 1
+        name = f"{stem}-{number}"
+    taken.add(name)
+    return name
+
+
+def _record(path: str, expression: str, status: str, error: str | None = None) -> dict[str, Any]:
+    return {
+        "input": path, "expression": expression, "status": status, "error": error, "mask": None,
+        "uncertainty": None, "overlay": None, "geojson": None, "score": None, "mask_area": None,
+    }
+
+
+def predict_files(
+    model: Any,
+    processor: Any,
+    inputs: Sequence[str | os.PathLike],
+    expressions: Sequence[str],
+    output_dir: str | os.PathLike,
+    options: PredictOptions | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    r"""
+    Segments every expression in every input and writes the outputs to `output_dir`.
+
+    Per input and expression (files named `<input stem>_<expression index>_<expression slug>_*`):
+    - georeferenced rasters: `_mask.tif` (uint8 0/1), `_uncertainty.tif` (float32 in [0, 1]), both with the input's
+      CRS and transform, and `_mask.geojson` (polygons in the input CRS);
+    - other images: `_mask.png` (0/255) and `_uncertainty.png` (a heatmap, dark blue 0 to yellow 1);
+    - `_overlay.png`: the mask on the image beside the uncertainty, at most `OVERLAY_MAX_SIDE` pixels high.
+    One JSON line per input and expression goes to `results.jsonl`: input, expression, status (`"ok"` or
+    `"error"`), error, output paths, score, mask area (pixels) and fraction, size, mode, window count, seconds.
+
+    Args:
+        model ([`CrobimUForReferringSegmentation`]): The model, in eval mode.
+        processor ([`CrobimUProcessor`]): Its processor.
+        inputs (`Sequence[str]`): Files, folders or list files (see [`expand_inputs`]).
+        expressions (`Sequence[str]`): Referring expressions, each applied to every input.
+        output_dir (`str` or `os.PathLike`): Output folder, created if needed.
+        options ([`PredictOptions`], *optional*): Tiling, band and threshold settings.
+        progress (`bool`, *optional*, defaults to `True`): Show progress bars.
+
+    Returns:
+        `list[dict]`: The records written to `results.jsonl`.
+    """
+    options = options or PredictOptions()
+    expressions = list(expressions)
+    if not expressions:
+        raise ValueError("Give at least one expression.")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = expand_inputs(inputs)
+    records: list[dict[str, Any]] = []
+    stems: set[str] = set()
+    with open(output_dir / RESULTS_FILE, "w") as results_file:
+        for path in tqdm(paths, desc="predict", unit="input", disable=not progress):
+            stem = _unique_stem(Path(path).stem or "input", stems)
+            input_records: list[dict[str, Any]] = []
+            try:
+                _predict_input(path, stem, model, processor, expressions, output_dir, options, input_records, progress)
+            except Exception as error:  # a bad input is reported and skipped, the others go on
+                message = f"{type(error).__name__}: {error}"
+                done = {record["expression"] for record in input_records}
+                input_records += [
+                    _record(path, expression, "error", message) for expression in expressions if expression not in done
+                ]
+            for record in input_records:
+                results_file.write(json.dumps(record) + "\n")
+            results_file.flush()
+            records += input_records
+    return records
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(","))
+
+
+def _float_pair(text: str) -> tuple[float, float]:
+    low, high = (float(part) for part in text.split(","))
+    return low, high
+
+
+def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Adds `crobim-u predict` to the command line."""
+    parser = subparsers.add_parser(
+        "predict",
+        help="segment referring expressions in images, folders and GeoTIFF scenes of any size",
+        description=(
+            "Writes, per input and expression, a mask, an uncertainty map and an overlay to --output, and one line "
+            f"per result to {RESULTS_FILE}. Unreadable inputs are reported and skipped; the exit status is 1 if any "
+            "failed."
+        ),
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, or .txt lists of paths")
+    parser.add_argument("--model", required=True, help="checkpoint folder or Hub id")
+    parser.add_argument("--expression", action="append", required=True,
+                        help="referring expression (repeat the flag for several)")
+    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument("--tile", nargs="?", const="always", default="auto", choices=("auto", "always", "never"),
+                        help=f"tile scenes: auto (a side over {TILE_FACTOR}x the window), always (bare --tile), never "
+                             "(resize the whole image to the model input)")
+    parser.add_argument("--mode", default="tiled", choices=[mode for mode in MODES if mode != "resize"],
+                        help="tiled: every window judges the expression locally; downsample-refine: find the object "
+                             "on the whole scene downsampled, refine it with windows (for global phrases such as "
+                             "'the largest building')")
+    parser.add_argument("--window", type=int, help="window side in scene pixels (default: the model input side)")
+    parser.add_argument("--overlap", type=float, default=0.25, help="overlap of neighbouring windows (fraction)")
+    parser.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
+    parser.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is in the mask")
+    parser.add_argument("--bands", type=_int_tuple,
+                        help="raster inputs: 1-based RGB bands as in GDAL, e.g. 3,2,1 (default: by colour "
+                             "interpretation)")
+    parser.add_argument("--stretch", type=_float_pair, default=(2.0, 98.0), metavar="LOW,HIGH",
+                        help="raster inputs: percentiles mapped to 0 and 255 for non-8-bit bands (default 2,98)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.set_defaults(handler=_predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModel, AutoProcessor
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModel.from_pretrained(args.model).to(device).eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+    options = PredictOptions(
+        tile=args.tile, mode=args.mode, window=args.window, overlap=args.overlap, batch_size=args.batch_size,
+        threshold=args.threshold, bands=args.bands, percentiles=args.stretch,
+    )
+    records = predict_files(model, processor, args.inputs, args.expression, args.output, options, args.progress)
+    failures = {record["input"]: record["error"] for record in records if record["status"] != "ok"}
+    inputs = list(dict.fromkeys(record["input"] for record in records))
+    print(
+        f"{len(inputs)} inputs x {len(args.expression)} expressions: {len(inputs) - len(failures)} inputs done, "
+        f"{len(failures)} failed; results in {Path(args.output) / RESULTS_FILE}"
+    )
+    for path, error in failures.items():
+        print(f"FAILED {path}: {error}")
+    if not inputs:
+        print("error: no input images found")
+    return 1 if failures or not inputs else 0
+
+
+__all__ = ["PredictOptions", "add_predict_parser", "choose_mode", "expand_inputs", "open_scene", "predict_files"]

@@ -1,0 +1,174 @@
+"""`crobim-u predict`: real images, corrupt files, folders and list files, naming, the tile rule."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import REAL_800, REAL_1111, needs_real_data, tiny_model
+from PIL import Image
+from test_processing import WORDS, make_processor, random_image
+
+from crobim_u.cli import main
+from crobim_u.inference.predict import RESULTS_FILE, PredictOptions, choose_mode, expand_inputs
+
+EXPRESSIONS = ["the airplane on the right", "the large building"]
+
+
+def save_checkpoint(path) -> str:
+    """A tiny random model with a 64x64 processor, saved as `crobim-u predict --model` loads it."""
+    tiny_model(text_config={"vocab_size": len(WORDS)}).save_pretrained(path)
+    make_processor(size=64).save_pretrained(path)
+    return str(path)
+
+
+def read_results(output) -> list[dict]:
+    return [json.loads(line) for line in (output / RESULTS_FILE).read_text().splitlines()]
+
+
+def corrupt_jpeg(path) -> str:
+    """The first kilobyte of a real JPEG: opens, but fails to decode."""
+    buffer = path.parent / "whole.jpg"
+    random_image(64, 64).save(buffer, quality=90)
+    path.write_bytes(buffer.read_bytes()[:1024])
+    buffer.unlink()
+    return str(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny model gains nothing from intra-op threads, and on a busy 2-core machine spinning threads make each
+    # forward pass many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    return save_checkpoint(tmp_path_factory.mktemp("checkpoint"))
+
+
+@needs_real_data
+def test_real_images_and_a_corrupt_file(checkpoint, tmp_path, capsys):
+    corrupt = corrupt_jpeg(tmp_path / "corrupt.jpg")
+    output = tmp_path / "out"
+    flags = ["--tile", "--window", "600", "--no-progress"]
+    expression_flags = [flag for expression in EXPRESSIONS for flag in ("--expression", expression)]
+    status = main(["predict", "--model", checkpoint, "--output", str(output), *expression_flags, *flags,
+                   str(REAL_800), corrupt, str(REAL_1111)])
+    assert status == 1
+    summary = capsys.readouterr().out
+    assert f"FAILED {corrupt}" in summary and "1 failed" in summary and "REAL" not in summary
+
+    records = read_results(output)
+    assert [(record["input"], record["expression"]) for record in records] == [
+        (path, expression) for path in (str(REAL_800), corrupt, str(REAL_1111)) for expression in EXPRESSIONS
+    ]
+    for record in records:
+        if record["input"] == corrupt:
+            assert record["status"] == "error" and "truncated" in record["error"] and record["mask"] is None
+            continue
+        assert record["status"] == "ok" and record["error"] is None and record["mode"] == "tiled"
+        with Image.open(REAL_800 if record["input"] == str(REAL_800) else REAL_1111) as image:
+            size = image.size
+        with Image.open(record["mask"]) as mask:
+            assert mask.size == size and mask.mode == "L" and set(np.unique(mask)) <= {0, 255}
+            assert record["mask_area"] == np.count_nonzero(np.asarray(mask))
+        with Image.open(record["uncertainty"]) as uncertainty:
+            assert uncertainty.size == size and uncertainty.mode == "RGB"
+        with Image.open(record["overlay"]) as overlay:
+            assert overlay.width == 2 * size[0]
+        assert 0 <= record["score"] <= 1 and record["geojson"] is None
+    assert {record["num_windows"] for record in records if record["status"] == "ok"} == {4, 9}
+
+
+@needs_real_data
+def test_folder_and_list_file_inputs(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / REAL_800.name).symlink_to(REAL_800)
+    corrupt = corrupt_jpeg(folder / "broken.jpg")
+    (folder / "notes.md").write_text("not an image")
+    listing = tmp_path / "list" / "inputs.txt"
+    listing.parent.mkdir()
+    listing.write_text(f"# scenes\n{REAL_1111}\n\n../folder/{REAL_800.name}\n")
+
+    output = tmp_path / "out"
+    status = main(["predict", "--model", checkpoint, "--output", str(output), "--expression", EXPRESSIONS[0],
+                   "--tile", "never", "--no-progress", str(folder), str(listing)])
+    assert status == 1
+    records = read_results(output)
+    assert [record["input"] for record in records] == [
+        str(folder / REAL_800.name), corrupt, str(REAL_1111), str(listing.parent / ".." / "folder" / REAL_800.name)
+    ]
+    assert [record["status"] for record in records] == ["ok", "error", "ok", "ok"]
+    done = [record for record in records if record["status"] == "ok"]
+    assert all(record["mode"] == "resize" and record["num_windows"] == 1 for record in done)
+    # Two inputs named 04133.png: their outputs do not overwrite each other.
+    assert len({record["mask"] for record in done}) == 3
+    assert f"FAILED {corrupt}" in capsys.readouterr().out
+
+
+def test_small_images_go_through_the_processor_unchanged(checkpoint, tmp_path):
+    image = random_image(50, 40)
+    image.save(tmp_path / "small.png")
+    status = main(["predict", "--model", checkpoint, "--output", str(tmp_path / "out"), "--expression", "the red car",
+                   "--no-progress", str(tmp_path / "small.png")])
+    assert status == 0
+    (record,) = read_results(tmp_path / "out")
+    assert record["mode"] == "resize"
+
+    from transformers import AutoModel, AutoProcessor
+
+    model, processor = AutoModel.from_pretrained(checkpoint).eval(), AutoProcessor.from_pretrained(checkpoint)
+    encoding = processor(images=image, text=["the red car"])
+    sizes = encoding.pop("original_sizes")
+    with torch.inference_mode():
+        expected = processor.post_process_referring_segmentation(model(**encoding), sizes)[0]
+    with Image.open(record["mask"]) as mask:
+        np.testing.assert_array_equal(np.asarray(mask) > 0, expected["mask"].numpy())
+    assert record["score"] == pytest.approx(expected["score"], abs=1e-5)
+
+
+def test_no_inputs_found_is_a_failure(checkpoint, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    status = main(["predict", "--model", checkpoint, "--output", str(tmp_path / "out"), "--expression", "the car",
+                   "--no-progress", str(tmp_path / "empty")])
+    assert status == 1 and "no input images found" in capsys.readouterr().out
+
+
+def test_expand_inputs(tmp_path):
+    for name in ("b.png", "a.TIF", "c.txt", "d.json"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "deep.png").write_bytes(b"")
+    listing = tmp_path / "sub" / "list.txt"
+    listing.write_text("deep.png\n  \n# comment\n../b.png\n")
+    assert expand_inputs([tmp_path, listing, tmp_path / "missing.jpg"]) == [
+        str(tmp_path / "a.TIF"), str(tmp_path / "b.png"),
+        str(tmp_path / "sub" / "deep.png"), str(tmp_path / "sub" / ".." / "b.png"),
+        str(tmp_path / "missing.jpg"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "height, width, tile, expected",
+    [(96, 96, "auto", "resize"), (97, 64, "auto", "tiled"), (800, 800, "never", "resize"), (64, 64, "always", "tiled")],
+)
+def test_tile_rule(height, width, tile, expected):
+    # Tiled when a side exceeds 1.5 x the window, unless forced either way.
+    assert choose_mode(height, width, (64, 64), PredictOptions(tile=tile)) == expected
+
+
+def test_output_names_of_same_named_inputs(checkpoint, tmp_path):
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        random_image(40, 40).save(tmp_path / folder / "scene.png")
+    output = tmp_path / "out"
+    status = main(["predict", "--model", checkpoint, "--output", str(output), "--expression", "The red car!",
+                   "--no-progress", str(tmp_path / "x" / "scene.png"), str(tmp_path / "y" / "scene.png")])
+    assert status == 0
+    names = sorted(path.name for path in output.glob("*_mask.png"))
+    assert names == ["scene-2_0_the-red-car_mask.png", "scene_0_the-red-car_mask.png"]
