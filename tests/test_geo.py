@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, TiffImagePlugin, TiffTags
 from test_predict import read_results, save_checkpoint
 from test_processing import make_processor, random_image
@@ -70,15 +69,6 @@ def assert_same_grid(path, reference):
     with rasterio.open(path) as output, rasterio.open(reference) as source:
         assert output.crs == source.crs and output.transform == source.transform and output.shape == source.shape
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model gains nothing from intra-op threads, and on a busy 2-core machine spinning threads make each
-    # forward pass many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def geo_tagged_tiff(path) -> str:

@@ -35,15 +35,6 @@ def corrupt_jpeg(path) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model gains nothing from intra-op threads, and on a busy 2-core machine spinning threads make each
-    # forward pass many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
