@@ -178,7 +178,13 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
 
 def run_without_crobim_u(script: str, *args: str, tmp_path) -> subprocess.CompletedProcess:
     """Runs `script` in a new Python process where `crobim_u` cannot be imported."""
-    environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    # The same number of intra-op threads as this process, so float reductions run in the same order.
+    environment = {
+        **os.environ,
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }
     return subprocess.run(
         [sys.executable, "-c", script, *args], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300
     )
