@@ -94,11 +94,19 @@ def storage_row(
     }
 
 
-def build_dataset_dict(rows_by_split: dict[str, list[dict]]) -> DatasetDict:
+def build_dataset_dict(
+    rows_by_split: dict[str, list[dict]], requested_splits: set[str] | None = None, source: str = ""
+) -> DatasetDict:
     """Builds the `DatasetDict` of stored rows (see [`storage_row`]) with [`decode_referring_batch`] as transform.
 
-    Splits come in the order train, validation, test, then any others in their given order.
+    Splits come in the order train, validation, test, then any others in their given order. A requested split
+    without rows is an error naming `source` (the file or folder the rows came from).
     """
+    if requested_splits is not None and not requested_splits <= rows_by_split.keys():
+        raise ValueError(
+            f"{source} has no rows for split(s) {sorted(requested_splits - rows_by_split.keys())}; "
+            f"found {sorted(rows_by_split)}"
+        )
     order = sorted(rows_by_split, key=lambda s: SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER))
     # from_dict rather than from_list: from_list drops the columns of a split whose rows were all skipped
     dataset_dict = DatasetDict(

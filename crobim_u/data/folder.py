@@ -85,12 +85,7 @@ def load_folder(root: str, splits: Sequence[str] | None = None, skip_invalid: bo
                 )
             )
     invalid_items.log_summary(logger, root)
-    if requested_splits is not None and not requested_splits <= rows_by_split.keys():
-        raise ValueError(
-            f"{root} has no rows for split(s) {sorted(requested_splits - rows_by_split.keys())}; "
-            f"found {sorted(rows_by_split)}"
-        )
-    return build_dataset_dict(rows_by_split)
+    return build_dataset_dict(rows_by_split, requested_splits, root)
 
 
 def export_folder(dataset_dict: DatasetDict, root: str) -> None:

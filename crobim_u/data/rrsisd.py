@@ -140,13 +140,7 @@ def load_rrsisd(
                 )
             )
     invalid_items.log_summary(logger, root)
-
-    if requested_splits is not None and not requested_splits <= rows_by_split.keys():
-        raise ValueError(
-            f"{refs_path} has no rows for split(s) {sorted(requested_splits - rows_by_split.keys())}; "
-            f"found {sorted(rows_by_split)}"
-        )
-    return build_dataset_dict(rows_by_split)
+    return build_dataset_dict(rows_by_split, requested_splits, refs_path)
 
 
 class _CocoIndex:
