@@ -29,7 +29,7 @@ from .data.synthetic import load_synthetic
 from .image_processing_crobim_u import CrobimUImageProcessor
 from .inference.evaluation import evaluate_referring_segmentation, evaluate_reference_masks
 from .inference.visualize import draw_overlay
-from .metrics import METRIC_ORDER
+from .metrics import METRIC_ORDER, ReferringSegmentationMetric
 from .modeling_crobim_u import CrobimUForReferringSegmentation
 from .processing_crobim_u import CrobimUProcessor
 from .training import CrobimUDataCollator, CrobimUTrainer, CrobimUTrainingArguments, ModelCardInfo, render_model_card
@@ -279,12 +279,14 @@ def run_demo(
     trainer.train()
     model.eval()
 
-    scores = {
-        "all": evaluate_referring_segmentation(model, processor, test, recipe.eval_batch_size, progress=progress),
-        "distractor": evaluate_referring_segmentation(
-            model, processor, with_distractor, recipe.eval_batch_size, progress=progress
-        ),
-    }
+    everything = evaluate_referring_segmentation(
+        model, processor, test, recipe.eval_batch_size, progress=progress, return_counts=True
+    )
+    # The distractor subset is scored from the same per-sample counts: the model runs once over the test split.
+    distractor_metric = ReferringSegmentationMetric()
+    has_distractor = torch.tensor(test["has_distractor"], dtype=torch.bool)
+    distractor_metric.add_counts(everything.pop("intersection")[has_distractor], everything.pop("union")[has_distractor])
+    scores = {"all": everything, "distractor": distractor_metric.compute()}
     metrics = {
         **_pick(scores["all"]),
         "class_only": _pick(evaluate_reference_masks(test, "class_mask")),

@@ -13,7 +13,7 @@ from test_processing import WORDS, make_processor
 from crobim_u.cli import main
 from crobim_u.data import export_folder
 from crobim_u.inference.evaluation import evaluate_reference_masks, evaluate_referring_segmentation
-from crobim_u.metrics import METRIC_ORDER
+from crobim_u.metrics import METRIC_ORDER, ReferringSegmentationMetric
 
 
 def small_dataset(num: int = 5) -> Dataset:
@@ -58,6 +58,18 @@ def test_evaluation_matches_a_plain_per_sample_loop():
     assert results["num_samples"] == 5
     for key, value in expected.items():
         assert results[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_per_sample_counts_score_a_subset_like_running_the_model_on_it():
+    model, processor, dataset = tiny_model(text_config={"vocab_size": len(WORDS)}), make_processor(), small_dataset()
+    everything = evaluate_referring_segmentation(model, processor, dataset, batch_size=2, progress=False,
+                                                 return_counts=True)
+    assert everything["intersection"].shape == everything["union"].shape == (5,)
+    subset = [0, 2, 3]
+    metric = ReferringSegmentationMetric()
+    metric.add_counts(everything["intersection"][subset], everything["union"][subset])
+    direct = evaluate_referring_segmentation(model, processor, dataset.select(subset), progress=False)
+    assert metric.compute() == direct
 
 
 def test_uncertainty_metrics_need_rus_and_lie_in_range():

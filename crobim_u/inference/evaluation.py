@@ -27,6 +27,7 @@ def evaluate_referring_segmentation(
     strict: bool = False,
     uncertainty_metrics: bool = False,
     progress: bool = True,
+    return_counts: bool = False,
 ) -> dict[str, Any]:
     """
     Runs `model` over `dataset` and scores it with the field's metrics, streaming per-sample counts.
@@ -44,16 +45,20 @@ def evaluate_referring_segmentation(
         uncertainty_metrics (`bool`, *optional*, defaults to `False`): Also compute AUROC, AURC and ECE of the
             uncertainty map (models with RUS only; at the original resolution).
         progress (`bool`, *optional*, defaults to `True`): Show a progress bar.
+        return_counts (`bool`, *optional*, defaults to `False`): Also return the per-sample `intersection` and
+            `union` counts (int64 tensors in data set order), so subsets can be scored without running the model
+            again (see [`~crobim_u.metrics.ReferringSegmentationMetric.add_counts`]).
 
     Returns:
-        `dict`: `oIoU`, `mIoU`, `Pr@0.5` … `Pr@0.9` (fractions), `num_samples`, and with `uncertainty_metrics`
-        also `auroc`, `aurc`, `ece`.
+        `dict`: `oIoU`, `mIoU`, `Pr@0.5` … `Pr@0.9` (fractions), `num_samples`, with `uncertainty_metrics` also
+        `auroc`, `aurc`, `ece`, and with `return_counts` also `intersection` and `union`.
     """
     if uncertainty_metrics and not model.config.use_rus:
         raise ValueError("uncertainty_metrics needs a model with RUS (config.use_rus=True).")
     device = next(model.parameters()).device
     metric = ReferringSegmentationMetric(size=size, strict=strict)
     uncertainty_metric = UncertaintyQualityMetric() if uncertainty_metrics else None
+    intersections, unions = [], []
     for start in tqdm(range(0, len(dataset), batch_size), desc="evaluate", disable=not progress, unit="batch"):
         rows = dataset[start : start + batch_size]
         inputs = processor(images=rows["image"], text=rows["expression"])
@@ -62,7 +67,9 @@ def evaluate_referring_segmentation(
         for index, mask in enumerate(rows["mask"]):
             labels = _mask_tensor(mask).to(device)[None]
             logits = outputs.logits[index : index + 1]
-            metric.update(logits, labels)
+            intersection, union = metric.update(logits, labels)
+            intersections.append(intersection.cpu())
+            unions.append(union.cpu())
             if uncertainty_metric is not None:
                 full_size = tuple(labels.shape[-2:])
                 probabilities = torch.sigmoid(F.interpolate(logits, size=full_size, mode="bilinear", align_corners=False))
@@ -77,6 +84,8 @@ def evaluate_referring_segmentation(
     if uncertainty_metric is not None:
         quality = uncertainty_metric.compute()
         results.update(auroc=quality["auroc"], aurc=quality["aurc"], ece=quality["ece"])
+    if return_counts:
+        results.update(intersection=torch.cat(intersections), union=torch.cat(unions))
     return results
 
 
