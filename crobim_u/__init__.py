@@ -32,12 +32,14 @@ CrobimUProcessor.register_for_auto_class("AutoProcessor")
 def referring_segmentation_pipeline(model, **kwargs) -> CrobimUReferringSegmentationPipeline:
     """
     `pipeline("referring-image-segmentation", ...)` with this package's pipeline class: loads a checkpoint folder or
-    Hub id (model and processor) without `trust_remote_code`.
+    Hub id (model and processor) without `trust_remote_code`, and its weights from safetensors only.
     """
     from transformers import pipeline
 
-    # The classes are registered locally, so the checkpoint's own copy of the code is never needed here.
+    # The classes are registered locally, so the checkpoint's own copy of the code is never needed here; weights load
+    # from safetensors only, never from a pickled pytorch_model.bin.
     kwargs.setdefault("trust_remote_code", False)
+    kwargs["model_kwargs"] = {"use_safetensors": True, **(kwargs.get("model_kwargs") or {})}
     return pipeline(PIPELINE_TASK, model=model, pipeline_class=CrobimUReferringSegmentationPipeline, **kwargs)
 
 

@@ -38,10 +38,9 @@ def _cuda_available() -> bool:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from transformers import AutoModel, AutoProcessor
-
     from .data import load_referring_dataset
     from .inference.evaluation import evaluate_referring_segmentation
+    from .inference.loading import load_checkpoint
     from .metrics import format_metric_table
 
     dataset = load_referring_dataset(args.dataset, args.data_dir)
@@ -50,8 +49,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     split = dataset[args.split]
     if args.limit is not None:
         split = split.select(range(min(args.limit, len(split))))
-    model = AutoModel.from_pretrained(args.model).to(args.device).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    model, processor = load_checkpoint(args.model, args.device)
     results = evaluate_referring_segmentation(
         model, processor, split, batch_size=args.batch_size, size=args.size, strict=args.strict,
         uncertainty_metrics=args.uncertainty_metrics, progress=args.progress,

@@ -197,10 +197,10 @@ class CrobimUConfig(PreTrainedConfig):
 
     def validate_crobim_u(self) -> None:
         """Raises `ValueError` for settings no model can be built from."""
-        if self.d_model <= 0 or self.d_model % self.num_attention_heads != 0:
+        if self.num_attention_heads < 1 or self.d_model <= 0 or self.d_model % self.num_attention_heads != 0:
             raise ValueError(
                 f"d_model ({self.d_model}) must be a positive multiple of num_attention_heads "
-                f"({self.num_attention_heads})."
+                f"({self.num_attention_heads}), which must be at least 1."
             )
         for name in ("ffn_dim", "mask_head_dim", "udlr_hidden_dim", "capm_num_layers", "mid_layers_per_level"):
             if getattr(self, name) < 1:

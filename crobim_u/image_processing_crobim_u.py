@@ -79,8 +79,25 @@ def _exif_upright(image: Image.Image) -> Image.Image:
 
 
 def _open(item: "Image.Image | str | os.PathLike", name: str) -> Image.Image:
-    # PIL's own errors (missing file, unidentified format, DecompressionBombError) pass through unchanged.
-    image = Image.open(item) if isinstance(item, (str, os.PathLike)) else item
+    """Opens (paths) and decodes an image, raising errors that name the input; EXIF orientation is applied."""
+    source = f" ({os.fspath(item)})" if isinstance(item, (str, os.PathLike)) else ""
+    try:
+        if source:
+            # Decoded now, and the file closed: the pixels stay in memory.
+            with Image.open(item) as image:
+                image.load()
+        else:
+            image = item
+            image.load()
+    except Image.DecompressionBombError as error:
+        raise Image.DecompressionBombError(
+            f"{name}{source}: {error} Raise PIL.Image.MAX_IMAGE_PIXELS for a file you trust, or segment the scene "
+            "window by window with `crobim-u predict`."
+        ) from error
+    except (FileNotFoundError, Image.UnidentifiedImageError):
+        raise  # PIL's message already names the file
+    except (OSError, SyntaxError) as error:  # truncated or corrupt image data
+        raise OSError(f"{name}{source}: the image data cannot be decoded ({error}).") from error
     image = _exif_upright(image)
     if image.width == 0 or image.height == 0:
         raise ValueError(f"{name}: the image is empty (size {image.width}x{image.height}).")
@@ -270,8 +287,10 @@ class CrobimUImageProcessor(PilBackend):
     flat list of these, or a 4-D array or tensor. Errors name the offending input as `images[i]` or
     `segmentation_maps[i]`.
 
-    - Paths (`str`, `os.PathLike`) are opened with PIL. PIL's own errors pass through: missing file, unknown format,
-      `DecompressionBombError` above `PIL.Image.MAX_IMAGE_PIXELS` (raise that limit, or tile large scenes).
+    - Paths (`str`, `os.PathLike`) are opened with PIL and decoded at once. A missing file raises
+      `FileNotFoundError`, an unknown format PIL's `UnidentifiedImageError`, truncated or corrupt image data `OSError`,
+      and a size above `PIL.Image.MAX_IMAGE_PIXELS` PIL's `DecompressionBombError` (raise that limit, or tile large
+      scenes); each message names the input and the file.
     - PIL images get their EXIF orientation applied first (`ImageOps.exif_transpose`), so masks and predictions align
       with what viewers show; `original_sizes` are the upright sizes.
     - PIL `RGB` is used as is (a PNG colour key is ignored). `1`, `L` and `P` are converted to RGB. `RGBX`, `CMYK`,

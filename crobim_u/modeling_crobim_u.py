@@ -689,7 +689,8 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
     ) -> CrobimUForReferringSegmentation:
         """
         Builds a model around a pretrained image backbone and text encoder, loading each one's weights once; the
-        fusion, decoder and uncertainty modules start from random initialisation.
+        fusion, decoder and uncertainty modules start from random initialisation. Weights load from safetensors
+        only (a component published as a pickled `pytorch_model.bin` alone is refused).
 
         Args:
             backbone (`str`):
@@ -705,8 +706,8 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
         # `AutoBackbone.from_pretrained` asks the Hub whether the id exists, even for a local folder: resolve the
         # backbone class from the component's config instead.
         backbone_class = MODEL_FOR_BACKBONE_MAPPING[type(AutoConfig.from_pretrained(backbone))]
-        backbone_model = backbone_class.from_pretrained(backbone, out_features=FOUR_STAGES)
-        text_model = AutoModel.from_pretrained(text_encoder, add_pooling_layer=False)
+        backbone_model = backbone_class.from_pretrained(backbone, out_features=FOUR_STAGES, use_safetensors=True)
+        text_model = AutoModel.from_pretrained(text_encoder, add_pooling_layer=False, use_safetensors=True)
         settings = config.to_dict() if config is not None else {}
         for key in ("backbone_config", "text_config", "model_type", "transformers_version", "architectures"):
             settings.pop(key, None)
@@ -914,6 +915,12 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
                 f"labels must have shape (batch_size, height, width) = ({batch_size}, {height}, {width}) to match "
                 f"input_ids and pixel_values, got {tuple(labels.shape)}."
             )
+        if labels.device.type == "meta":
+            raise ValueError(
+                f"labels are on the meta device (no data); pass them on a real device, e.g. {pixel_values.device}."
+            )
+        if labels.is_complex():
+            raise ValueError(f"labels must be real binary masks in {{0, 1}}, got dtype {labels.dtype}.")
         if labels.is_floating_point() and not bool(torch.isfinite(labels).all()):
             raise ValueError("labels contain NaN or Inf; they must be binary masks in {0, 1}.")
         labels = labels.to(device=pixel_values.device, dtype=torch.float32)

@@ -117,11 +117,24 @@ class CrobimUProcessor(ProcessorMixin):
                 raise TypeError(f"Expression {index} must be a string, got {type(expression).__name__}.")
             if not expression.strip():
                 raise ValueError(f"Expression {index} is empty or whitespace only; a referring expression needs words.")
-        return dict(
+        encoding = dict(
             self.tokenizer(
-                expressions, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+                expressions, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+                return_special_tokens_mask=True,
             )
         )
+        # Text of characters the tokenizer drops (zero-width spaces, control characters) encodes to special tokens
+        # alone: the model would be asked to find an object from no words at all.
+        special = encoding.pop("special_tokens_mask").bool()
+        attended = encoding.get("attention_mask", torch.ones_like(special, dtype=torch.long)).bool()
+        wordless = (attended & ~special).sum(dim=1).eq(0).nonzero().flatten().tolist()
+        if wordless:
+            index = wordless[0]
+            raise ValueError(
+                f"Expression {index} ({expressions[index]!r}) has no token besides the special ones: the tokenizer "
+                "drops every character of it."
+            )
+        return encoding
 
     def post_process_referring_segmentation(
         self, outputs: Any, target_sizes: Any = None, threshold: float = 0.5

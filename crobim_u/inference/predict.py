@@ -3,6 +3,10 @@
 
 For each input and expression it writes a mask, an uncertainty map and an overlay picture, and appends a record to
 `results.jsonl`. A file that cannot be read or segmented is recorded as failed and skipped; the others go on.
+
+Every output file is written to a hidden temporary file and renamed into place, and an input's records are appended
+only once all its files are in place: a run killed at any moment leaves no half-written output under a final name,
+and `--resume` skips exactly the inputs whose records and files are complete.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ import json
 import os
 import re
 import time
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .geo import GeoTiffScene, is_georeferenced_tiff, mask_to_geojson, write_mask_geotiff, write_uncertainty_geotiff
+from .loading import load_checkpoint
 from .tiling import MODES, ArrayScene, SceneReader, SceneResult, model_input_size, predict_scene
 from .visualize import draw_overlay, heatmap
 
@@ -40,6 +45,9 @@ BYTES_PER_PIXEL = 9
 RESULTS_FILE = "results.jsonl"
 # Fast PNG compression: level 6 (Pillow's default) spends several times longer for ~10% smaller files.
 PNG_OPTIONS = {"compress_level": 1}
+# Outputs are written under this name first (hidden, beside their final name) and renamed when complete.
+PARTIAL_MARK = ".partial"
+OUTPUT_FIELDS = ("mask", "uncertainty", "overlay", "geojson")
 
 
 @dataclass
@@ -149,6 +157,32 @@ class _OverlayPicture:
         return values[self.rows][:, self.cols]
 
 
+@contextmanager
+def _atomic_output(path: str | os.PathLike) -> Iterator[str]:
+    """
+    Yields a temporary path beside `path` to write to, and renames it to `path` once the writing succeeded.
+
+    The rename (`os.replace`) is atomic: `path` either does not exist or is complete, whenever the process dies.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}{PARTIAL_MARK}")
+    try:
+        yield str(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _save_png(image: Image.Image, path: str) -> None:
+    with _atomic_output(path) as temporary:
+        image.save(temporary, format="PNG", **PNG_OPTIONS)
+
+
+def _write_atomically(write: Callable[..., Any], path: str, *args: Any) -> Any:
+    with _atomic_output(path) as temporary:
+        return write(temporary, *args)
+
+
 def _write_outputs(
     result: SceneResult, scene: SceneReader, overlay: _OverlayPicture, base: Path, record: dict[str, Any]
 ) -> None:
@@ -156,29 +190,35 @@ def _write_outputs(
     georeferenced = isinstance(scene, GeoTiffScene) and scene.georeferenced
     if georeferenced:
         record["mask"] = f"{base}_mask.tif"
-        write_mask_geotiff(record["mask"], result.mask, scene.crs, scene.transform)
+        _write_atomically(write_mask_geotiff, record["mask"], result.mask, scene.crs, scene.transform)
         if result.uncertainty is not None:
             record["uncertainty"] = f"{base}_uncertainty.tif"
-            write_uncertainty_geotiff(record["uncertainty"], result.uncertainty, scene.crs, scene.transform)
+            _write_atomically(
+                write_uncertainty_geotiff, record["uncertainty"], result.uncertainty, scene.crs, scene.transform
+            )
         record["geojson"] = f"{base}_mask.geojson"
-        record["num_polygons"] = mask_to_geojson(
-            record["geojson"], result.mask, scene.transform, scene.crs, {"expression": result.expression}
+        record["num_polygons"] = _write_atomically(
+            mask_to_geojson, record["geojson"], result.mask, scene.transform, scene.crs,
+            {"expression": result.expression},
         )
         record["crs"] = None if scene.crs is None else scene.crs.to_string()
     else:
         record["mask"] = f"{base}_mask.png"
-        Image.fromarray(result.mask.view(np.uint8) * np.uint8(255)).save(record["mask"], **PNG_OPTIONS)
+        _save_png(Image.fromarray(result.mask.view(np.uint8) * np.uint8(255)), record["mask"])
         if result.uncertainty is not None:
             record["uncertainty"] = f"{base}_uncertainty.png"
-            _heatmap_image(result.uncertainty).save(record["uncertainty"], **PNG_OPTIONS)
+            _save_png(_heatmap_image(result.uncertainty), record["uncertainty"])
     record["overlay"] = f"{base}_overlay.png"
     uncertainty = overlay.sample(result.uncertainty)
-    draw_overlay(
-        overlay.image,
-        overlay.sample(result.mask),
-        None if uncertainty is None else uncertainty.astype(np.float32),
-        result.expression,
-    ).save(record["overlay"], **PNG_OPTIONS)
+    _save_png(
+        draw_overlay(
+            overlay.image,
+            overlay.sample(result.mask),
+            None if uncertainty is None else uncertainty.astype(np.float32),
+            result.expression,
+        ),
+        record["overlay"],
+    )
 
 
 def _predict_input(
@@ -242,6 +282,50 @@ def _record(path: str, expression: str, status: str, error: str | None = None) -
     }
 
 
+def _read_results(path: Path) -> list[dict[str, Any]]:
+    """The records of a `results.jsonl`; a line a killed run left half-written is ignored."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def completed_records(
+    output_dir: str | os.PathLike, paths: Sequence[str], expressions: Sequence[str]
+) -> dict[str, list[dict[str, Any]]]:
+    """
+    The inputs of `paths` already done in `output_dir`, each with its records in expression order.
+
+    An input is done when `results.jsonl` holds an `"ok"` record for each of `expressions` and every output file
+    these records name exists (outputs are renamed into place only when complete). Inputs that failed, or that a
+    killed run left partly written, are not done.
+    """
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for record in _read_results(Path(output_dir) / RESULTS_FILE):
+        files = [record.get(field) for field in OUTPUT_FIELDS if record.get(field)]
+        if record.get("status") == "ok" and files and all(os.path.isfile(file) for file in files):
+            found[(record.get("input"), record.get("expression"))] = record
+    done = {}
+    for path in paths:
+        records = [found.get((path, expression)) for expression in expressions]
+        if all(record is not None for record in records):
+            done[path] = records
+    return done
+
+
+def _remove_partial_outputs(output_dir: Path) -> None:
+    """Deletes the temporary files of a killed run (see `_atomic_output`)."""
+    for path in output_dir.glob(f".*{PARTIAL_MARK}"):
+        path.unlink(missing_ok=True)
+
+
 def predict_files(
     model: Any,
     processor: Any,
@@ -250,6 +334,7 @@ def predict_files(
     output_dir: str | os.PathLike,
     options: PredictOptions | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
     r"""
     Segments every expression in every input and writes the outputs to `output_dir`.
@@ -262,6 +347,9 @@ def predict_files(
     One JSON line per input and expression goes to `results.jsonl`: input, expression, status (`"ok"` or
     `"error"`), error, output paths, score, mask area (pixels) and fraction, size, mode, window count, seconds.
 
+    Each file is written under a temporary name and renamed into place when complete, and an input's records are
+    appended once all its files are in place, so a killed run never leaves a half-written output that counts as done.
+
     Args:
         model ([`CrobimUForReferringSegmentation`]): The model, in eval mode.
         processor ([`CrobimUProcessor`]): Its processor.
@@ -270,9 +358,12 @@ def predict_files(
         output_dir (`str` or `os.PathLike`): Output folder, created if needed.
         options ([`PredictOptions`], *optional*): Tiling, band and threshold settings.
         progress (`bool`, *optional*, defaults to `True`): Show progress bars.
+        resume (`bool`, *optional*, defaults to `False`): Skip the inputs an earlier run into `output_dir` completed
+            (see [`completed_records`]) and keep their records; the others are segmented again. Without it,
+            `results.jsonl` starts afresh.
 
     Returns:
-        `list[dict]`: The records written to `results.jsonl`.
+        `list[dict]`: The records written to `results.jsonl`, in input order.
     """
     options = options or PredictOptions()
     expressions = list(expressions)
@@ -280,20 +371,32 @@ def predict_files(
         raise ValueError("Give at least one expression.")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    _remove_partial_outputs(output_dir)
     paths = expand_inputs(inputs)
+    done = completed_records(output_dir, paths, expressions) if resume else {}
+    if done and progress:
+        tqdm.write(f"resume: {len(done)} of {len(paths)} inputs already done in {output_dir}, skipped")
+    # The records kept from the earlier run replace results.jsonl in one rename; new records are appended to it.
+    with _atomic_output(output_dir / RESULTS_FILE) as temporary, open(temporary, "w") as results_file:
+        results_file.writelines(json.dumps(record) + "\n" for path in paths for record in done.get(path, []))
     records: list[dict[str, Any]] = []
     stems: set[str] = set()
-    with open(output_dir / RESULTS_FILE, "w") as results_file:
+    with open(output_dir / RESULTS_FILE, "a") as results_file:
         for path in tqdm(paths, desc="predict", unit="input", disable=not progress):
-            stem = _unique_stem(Path(path).stem or "input", stems)
+            stem = _unique_stem(Path(path).stem or "input", stems)  # every input takes its name, done or not
+            if path in done:
+                records += done[path]
+                continue
             input_records: list[dict[str, Any]] = []
             try:
                 _predict_input(path, stem, model, processor, expressions, output_dir, options, input_records, progress)
             except Exception as error:  # a bad input is reported and skipped, the others go on
                 message = f"{type(error).__name__}: {error}"
-                done = {record["expression"] for record in input_records}
+                done_expressions = {record["expression"] for record in input_records}
                 input_records += [
-                    _record(path, expression, "error", message) for expression in expressions if expression not in done
+                    _record(path, expression, "error", message)
+                    for expression in expressions
+                    if expression not in done_expressions
                 ]
             for record in input_records:
                 results_file.write(json.dumps(record) + "\n")
@@ -344,22 +447,25 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--stretch", type=_float_pair, default=(2.0, 98.0), metavar="LOW,HIGH",
                         help="raster inputs: percentiles mapped to 0 and 255 for non-8-bit bands (default 2,98)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip inputs that an earlier (possibly killed) run into --output completed: listed as ok "
+                             f"in {RESULTS_FILE} with every output file present; the others are segmented again")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.set_defaults(handler=_predict)
 
 
 def _predict(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModel, AutoProcessor
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModel.from_pretrained(args.model).to(device).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    model, processor = load_checkpoint(args.model, device)
     options = PredictOptions(
         tile=args.tile, mode=args.mode, window=args.window, overlap=args.overlap, batch_size=args.batch_size,
         threshold=args.threshold, bands=args.bands, percentiles=args.stretch,
     )
-    records = predict_files(model, processor, args.inputs, args.expression, args.output, options, args.progress)
+    records = predict_files(
+        model, processor, args.inputs, args.expression, args.output, options, args.progress, resume=args.resume
+    )
     failures = {record["input"]: record["error"] for record in records if record["status"] != "ok"}
     inputs = list(dict.fromkeys(record["input"] for record in records))
     print(
@@ -373,4 +479,7 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if failures or not inputs else 0
 
 
-__all__ = ["PredictOptions", "add_predict_parser", "choose_mode", "expand_inputs", "open_scene", "predict_files"]
+__all__ = [
+    "PredictOptions", "add_predict_parser", "choose_mode", "completed_records", "expand_inputs", "open_scene",
+    "predict_files",
+]

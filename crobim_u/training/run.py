@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, BertTokenizer, set_seed
 from ..configuration_crobim_u import CrobimUConfig
 from ..data import load_referring_dataset
 from ..image_processing_crobim_u import CrobimUImageProcessor
+from ..inference.loading import check_crobim_u_checkpoint
 from ..metrics import format_metric_table
 from ..modeling_crobim_u import CrobimUForReferringSegmentation
 from ..processing_crobim_u import CrobimUProcessor
@@ -88,8 +89,11 @@ def build_model(model_args: ModelArguments, vocab_size: int) -> CrobimUForReferr
     """Builds the model the arguments describe and freezes the parameters no forward pass reaches."""
     changes = model_args.config_changes()
     if model_args.model_name_or_path is not None:
+        check_crobim_u_checkpoint(model_args.model_name_or_path)
         config = apply_config_changes(CrobimUConfig.from_pretrained(model_args.model_name_or_path), changes)
-        model = CrobimUForReferringSegmentation.from_pretrained(model_args.model_name_or_path, config=config)
+        model = CrobimUForReferringSegmentation.from_pretrained(
+            model_args.model_name_or_path, config=config, use_safetensors=True
+        )
     elif model_args.backbone is not None:
         if {"backbone_config", "text_config"} & set(changes):
             raise ValueError("Sub-config overrides do not apply to pretrained components; their configs are loaded.")

@@ -1,5 +1,6 @@
 """`CrobimUTrainer`: the transformers `Trainer` with CroBIM-U's parameter groups, loss warm-up, streamed metrics,
-model card, and checkpoint loading that agrees with `from_pretrained`."""
+model card, checkpoint loading that agrees with `from_pretrained`, resume that skips half-written checkpoints, and
+no pickled files in what it saves or pushes."""
 
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import HubStrategy, SaveStrategy
+from transformers.utils import PushInProgress, hf_api
 
 from ..metrics import build_compute_metrics
 from ..modeling_crobim_u import CrobimUSegmentationOutput
+from .checkpoints import CHECKPOINT_FOLDER, checkpoint_folders, checkpoint_problem, last_complete_checkpoint
 from .model_card import ModelCardInfo, render_model_card
 
 
@@ -29,8 +34,13 @@ NO_DECAY_NAME = re.compile(
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 # Outputs left out of evaluation: only `logits` reach the metrics, so nothing else is gathered per batch.
 _EVAL_IGNORE_KEYS = [name for name in CrobimUSegmentationOutput.__dataclass_fields__ if name not in ("loss", "logits")]
-# Checkpoint files the Trainer does not copy to the output folder when it pushes a checkpoint.
-_CARD_AND_CODE = re.compile(r"^(README\.md|.*\.py)$")
+# The run's arguments as JSON, in place of the pickle (`training_args.bin`) the Trainer writes.
+TRAINING_ARGS_JSON_NAME = "training_args.json"
+# What `_push_from_checkpoint` copies from a checkpoint to the pushed output folder.
+_PUSHED_FROM_CHECKPOINT = re.compile(
+    r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
+    rf"README\.md|.*\.py|{re.escape(TRAINING_ARGS_JSON_NAME)})$"
+)
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -89,7 +99,7 @@ def load_weights_like_from_pretrained(model: PreTrainedModel, folder: str) -> No
     current values with a warning. Loading through `from_pretrained` applies the same conversion, so resumed and
     best weights equal `from_pretrained` of the same folder; a key that still does not match raises.
     """
-    reference = type(model).from_pretrained(folder, config=copy.deepcopy(model.config))
+    reference = type(model).from_pretrained(folder, config=copy.deepcopy(model.config), use_safetensors=True)
     model.load_state_dict(reference.state_dict(), strict=True)
 
 
@@ -105,6 +115,8 @@ class CrobimUTrainer(Trainer):
       `compute_metrics` defaults to [`~crobim_u.metrics.build_compute_metrics`] (oIoU, mIoU, Pr@X).
     - Every checkpoint and the final folder get a model card (README.md) rendered from `model_card.md`.
     - Resume and `load_best_model_at_end` load weights as `from_pretrained` does (huggingface/transformers#43701).
+    - `resume_from_checkpoint=True` picks the newest complete checkpoint: one half-written by a killed run is skipped.
+    - No pickle is saved or pushed: the arguments go to `training_args.json`, not `training_args.bin`.
 
     Args:
         model_card_info ([`ModelCardInfo`], *optional*): Run details for the model card.
@@ -176,6 +188,13 @@ class CrobimUTrainer(Trainer):
         super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
             output_dir = output_dir if output_dir is not None else self.args.output_dir
+            # The Trainer pickles the arguments to training_args.bin. A pickle runs code when it is loaded, and
+            # nothing reads that file back: the arguments are kept as JSON instead, and no pickle is saved or pushed.
+            pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
+            if os.path.exists(pickled):
+                os.remove(pickled)
+            with open(os.path.join(output_dir, TRAINING_ARGS_JSON_NAME), "w", encoding="utf-8") as file:
+                file.write(self.args.to_json_string())
             with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as file:
                 file.write(self.render_model_card())
 
@@ -187,13 +206,92 @@ class CrobimUTrainer(Trainer):
                 file.write(self.render_model_card(model_id))
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        # The Trainer copies config and weights to the pushed output folder; the card and the code files belong
-        # there too, or the pushed repository would not load with trust_remote_code.
-        if self.is_world_process_zero():
-            for name in os.listdir(checkpoint_folder):
-                if _CARD_AND_CODE.match(name):
-                    shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
-        super()._push_from_checkpoint(checkpoint_folder)
+        """
+        Pushes a checkpoint as `Trainer._push_from_checkpoint` does, without its pickled `training_args.bin`.
+
+        The weights, config, card, code files and `training_args.json` are copied from the checkpoint to the output
+        folder (the card and code too, or the pushed repository would not load with `trust_remote_code`), the
+        processor is saved there, and both folders are uploaded as `hub_strategy` asks.
+        """
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        # An unfinished earlier push is not joined by this one unless hub_always_push is set.
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        output_dir = self.args.output_dir
+        for name in os.listdir(checkpoint_folder):
+            if _PUSHED_FROM_CHECKPOINT.match(name):
+                shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(output_dir, name))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        if self.args.save_strategy == SaveStrategy.STEPS:
+            commit_message = f"Training in progress, step {self.state.global_step}"
+        else:
+            commit_message = f"Training in progress, epoch {int(self.state.epoch)}"
+        jobs = [
+            hf_api().upload_folder(
+                repo_id=self.hub_model_id, folder_path=output_dir, commit_message=commit_message,
+                token=self.args.hub_token, run_as_future=True, revision=self.args.hub_revision,
+                ignore_patterns=["_*", "checkpoint-*", TRAINING_ARGS_NAME],
+            )
+        ]
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            path_in_repo = (
+                "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT
+                else os.path.basename(checkpoint_folder)
+            )
+            jobs.append(
+                hf_api().upload_folder(
+                    repo_id=self.hub_model_id, folder_path=checkpoint_folder, path_in_repo=path_in_repo,
+                    commit_message=commit_message + ", checkpoint", token=self.args.hub_token, run_as_future=True,
+                    revision=self.args.hub_revision, ignore_patterns=[TRAINING_ARGS_NAME],
+                )
+            )
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress(jobs)
+        else:
+            self.push_in_progress.jobs.extend(jobs)
+
+    # ---- Resuming ----
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """
+        `Trainer.train`, except that `resume_from_checkpoint=True` resumes from the newest *complete* checkpoint of
+        `output_dir` (see [`~crobim_u.training.checkpoints.checkpoint_problem`]) rather than the newest folder, and a
+        checkpoint path that is incomplete raises a `ValueError` naming the problem. Incomplete checkpoints newer than
+        the one resumed from, left by a run killed while saving, are deleted: this run writes those steps again.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                found = [folder.name for _, folder in checkpoint_folders(self.args.output_dir)]
+                raise ValueError(
+                    f"No complete checkpoint to resume from in {self.args.output_dir} (checkpoint folders found: "
+                    f"{found or 'none'}). Train from the start, without resume_from_checkpoint."
+                )
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            problem = checkpoint_problem(resume_from_checkpoint)
+            if problem is not None:
+                complete = last_complete_checkpoint(os.path.dirname(os.path.abspath(resume_from_checkpoint)))
+                raise ValueError(
+                    f"Cannot resume from {resume_from_checkpoint}: {problem}. "
+                    + (f"The newest complete checkpoint beside it is {complete}." if complete else "")
+                )
+        if resume_from_checkpoint and self.is_world_process_zero():
+            self._remove_incomplete_checkpoints_after(str(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _remove_incomplete_checkpoints_after(self, checkpoint: str) -> None:
+        match = CHECKPOINT_FOLDER.match(os.path.basename(os.path.normpath(checkpoint)))
+        if match is None:
+            return
+        for step, folder in checkpoint_folders(self.args.output_dir):
+            if step > int(match[1]):
+                problem = checkpoint_problem(folder)
+                if problem is not None:
+                    logger.warning(f"Deleting incomplete checkpoint {folder} ({problem}); this run saves it again.")
+                    shutil.rmtree(folder)
 
     # ---- Loading checkpoints (huggingface/transformers#43701) ----
 
