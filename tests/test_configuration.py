@@ -52,6 +52,19 @@ def test_preset_overrides_update_sub_configs_without_leaking_between_configs():
     assert first.text_config.hidden_size == second.text_config.hidden_size == 64
 
 
+def test_preset_override_of_another_model_type_replaces_the_sub_config():
+    resnet = {
+        "model_type": "resnet", "embedding_size": 16, "hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 1, 1],
+        "layer_type": "basic", "out_features": ["stage1", "stage2", "stage3", "stage4"],
+    }
+    config = CrobimUConfig.from_preset("tiny", backbone_config=resnet)
+    assert config.backbone_config.model_type == "resnet"
+    assert config.backbone_config.hidden_sizes == [16, 32, 64, 128]
+    # Nothing of the preset's Swin settings leaks into the ResNet config.
+    assert not hasattr(config.backbone_config, "window_size")
+    assert CrobimUConfig.from_preset("tiny").backbone_config.model_type == "swin"
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [

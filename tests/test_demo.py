@@ -105,3 +105,15 @@ def test_minilm_text_encoder_is_pretrained_and_frozen():
     assert not any(param.requires_grad for param in model.text_encoder.parameters())
     assert all(param.requires_grad for param in model.backbone.parameters())
     assert len(tokenizer) == model.config.text_config.vocab_size
+
+
+def test_recipe_model_overrides_reach_the_model():
+    recipe = demo.DemoRecipe(
+        image_size=64,
+        model_overrides={"use_udlr": False, "uncertainty_target": "hard", "backbone_config": {"embed_dim": 8}},
+    )
+    model, _, _ = demo.build_model_and_tokenizer(recipe, "scratch")
+    assert model.udlr is None and model.rus is not None
+    assert model.config.uncertainty_target == "hard"
+    # A backbone override updates the preset's Swin settings and keeps the recipe's image size.
+    assert (model.config.backbone_config.embed_dim, model.config.backbone_config.image_size) == (8, 64)

@@ -28,6 +28,7 @@ def evaluate_referring_segmentation(
     uncertainty_metrics: bool = False,
     progress: bool = True,
     return_counts: bool = False,
+    return_risk_coverage: bool = False,
 ) -> dict[str, Any]:
     """
     Runs `model` over `dataset` and scores it with the field's metrics, streaming per-sample counts.
@@ -48,6 +49,8 @@ def evaluate_referring_segmentation(
         return_counts (`bool`, *optional*, defaults to `False`): Also return the per-sample `intersection` and
             `union` counts (int64 tensors in data set order), so subsets can be scored without running the model
             again (see [`~crobim_u.metrics.ReferringSegmentationMetric.add_counts`]).
+        return_risk_coverage (`bool`, *optional*, defaults to `False`): With `uncertainty_metrics`, also return the
+            risk–coverage curve as `risk_coverage`, a `(coverage, risk)` pair of NumPy arrays.
 
     Returns:
         `dict`: `oIoU`, `mIoU`, `Pr@0.5` … `Pr@0.9` (fractions), `num_samples`, with `uncertainty_metrics` also
@@ -84,6 +87,8 @@ def evaluate_referring_segmentation(
     if uncertainty_metric is not None:
         quality = uncertainty_metric.compute()
         results.update(auroc=quality["auroc"], aurc=quality["aurc"], ece=quality["ece"])
+        if return_risk_coverage:
+            results["risk_coverage"] = quality["risk_coverage"]
     if return_counts:
         results.update(intersection=torch.cat(intersections), union=torch.cat(unions))
     return results
