@@ -33,7 +33,12 @@ def fake_run(ablation, variant: str, seed: int, value: float, auroc: float | Non
 
 
 def test_variants_cover_the_study(ablation):
-    assert list(ablation.VARIANTS) == ["base", "base+RUS", "base+RUS+UGF", "base+RUS+UDLR", "full"]
+    assert list(ablation.STUDY) == ["base", "base+RUS", "base+RUS+UGF", "base+RUS+UDLR", "full"]
+    # Each alternative is the full model with exactly one config field changed.
+    for name, changes in ablation.ALTERNATIVES.items():
+        variant = ablation.VARIANTS[name]
+        assert len(changes) == 1 and variant == {**ablation.VARIANTS["full"], **changes}
+        assert "CrobimUConfig" not in name and name.startswith("full/")
     assert not any(ablation.VARIANTS["base"].values()) and all(ablation.VARIANTS["full"].values())
     # UGF and UDLR read the uncertainty map, so every variant with either has RUS.
     assert all(switches["use_rus"] for switches in ablation.VARIANTS.values() if switches["use_ugf"] or switches["use_udlr"])
