@@ -103,8 +103,12 @@ def flatten_map(feature_map: torch.Tensor) -> torch.Tensor:
 
 
 def unflatten_tokens(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """`(B, H*W, C)` -> `(B, C, H, W)`."""
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
+    """
+    `(B, H*W, C)` -> `(B, C, H, W)`, a channels-last view. Permuting (rather than transposing and reshaping) keeps
+    the batch stride well formed at batch size 1, so convolutions and interpolation see channels-last memory and
+    take their fast kernels instead of a strided copy.
+    """
+    return tokens.reshape(tokens.shape[0], height, width, tokens.shape[2]).permute(0, 3, 1, 2)
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -289,17 +293,22 @@ class CrobimUPixelWordAttention(GradientCheckpointingLayer):
         self, feature_map: torch.Tensor, language: torch.Tensor, language_mask: torch.Tensor, sentence: torch.Tensor
     ) -> torch.Tensor:
         height, width = feature_map.shape[-2:]
-        pixels = flatten_map(feature_map)
+        # One copy to token-major layout: the norm, the residual sum and the linears then read contiguous memory
+        # (a strided residual sum at stride 4 cost more than the copy).
+        pixels = flatten_map(feature_map).contiguous()
         normed = self.pixel_norm(pixels)
         attention = self.attention
         query = attention.split_heads(attention.q_proj(normed))
         key = attention.split_heads(attention.k_proj(language))
         value = attention.split_heads(attention.v_proj(language))
-        word_context = attention.out_proj(attention.attend(query, key, value, language_mask))
 
+        # The scores are needed for the relevance anyway, so the attention reuses them instead of computing them
+        # again inside SDPA. With few keys (the words) this is also faster than the CPU SDPA kernel. The mask is
+        # -inf (exact zeros after the softmax), so no denormal probabilities arise.
         scores = (query @ key.transpose(-1, -2)) / math.sqrt(attention.head_dim)
         scores = scores.masked_fill(~language_mask[:, None, None, :], float("-inf"))
         relevance = torch.sigmoid(scores.amax(dim=-1)).mean(dim=1).unsqueeze(-1)
+        word_context = attention.out_proj((scores.softmax(dim=-1) @ value).transpose(1, 2).flatten(2))
         word_context = word_context + (1.0 - relevance) * self.sentence_proj(sentence).unsqueeze(1)
 
         pixels = pixels + self.fuse_proj(self.vision_proj(normed) * word_context)
@@ -591,6 +600,21 @@ class CrobimUPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["CrobimUPromptModulationLayer", "CrobimUMutualInteractionLayer"]
     # The loss is a mean over the batch: the Trainer must not rescale it by the number of items.
     accepts_loss_kwargs = False
+
+    def _set_gradient_checkpointing(self, enable: bool = True, **kwargs: Any) -> None:
+        """
+        Checkpoints the innermost checkpointable layers only. Swin marks both its stages and the layers inside them:
+        the stage's recomputation would run each of its layers once more, for no memory saved (the peak is one
+        layer's activations either way).
+        """
+        super()._set_gradient_checkpointing(enable=enable, **kwargs)
+        if not enable:
+            return
+        for module in self.modules():
+            if isinstance(module, GradientCheckpointingLayer) and any(
+                isinstance(inner, GradientCheckpointingLayer) for inner in module.modules() if inner is not module
+            ):
+                module.gradient_checkpointing = False
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """

@@ -1,0 +1,128 @@
+"""The speed and memory benchmarks: their helpers, and a smoke run of each script's `--quick` mode."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import benchlib  # noqa: E402
+
+
+def run_script(name: str, *arguments: str, timeout: int = 120) -> str:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *arguments], capture_output=True, text=True, timeout=timeout,
+        env=environment,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_tensor_memory_counts_new_storages_not_views_or_weights():
+    weight = torch.randn(256, 256)  # 256 KiB, alive before the tracker starts
+    inputs = torch.randn(512, 256)
+
+    def work():
+        hidden = inputs @ weight.t()  # 512 KiB new; weight.t() is a view of an old storage
+        doubled = hidden * 2  # another 512 KiB
+        del hidden
+        return doubled.view(-1)[:8].sum()  # a view and a scalar
+
+    peak = benchlib.peak_tensor_bytes(work)
+    assert peak == pytest.approx(2 * 512 * 256 * 4, rel=0.01)
+
+
+def test_flop_count_includes_cpu_attention():
+    query, key = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 8, 16)
+    total, _ = benchlib.count_flops(lambda: F.scaled_dot_product_attention(query, key, key))
+    assert total == 2 * (2 * 2 * 64 * 8 * 16)  # scores and the weighted sum of the values
+    linear = torch.nn.Linear(16, 32)
+    total, _ = benchlib.count_flops(lambda: linear(torch.randn(10, 16)))
+    assert total == 2 * 10 * 16 * 32
+
+
+def test_ratio_is_per_round():
+    summary = benchlib.ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0])
+    assert summary["median"] == 2.0 and summary["min"] == 2.0 and summary["max"] == 3.0
+    assert summary["of_medians"] == 2.0 and summary["runs"] == 3
+
+
+def test_inference_speed_quick(tmp_path):
+    output = tmp_path / "inference.json"
+    run_script("inference_speed.py", "--quick", "--output", str(output))
+    results = json.loads(output.read_text())
+    assert set(results["batches"]) == {"1", "2"}
+    for entry in results["batches"].values():
+        assert set(entry["cases"]) == {"matmul", "tiny/crobim-u", "tiny/encoders", "tiny/crobim", "clipseg"}
+        for name, case in entry["cases"].items():
+            assert case["latency_s"]["runs"] == 2 and case["flops"] > 0
+            if name != "matmul":
+                assert case["peak_tensor_memory_mib"] > 0 and 0 < case["fraction_of_matmul_peak"]["median"]
+        # The full model does more work than its encoders and than the base, on the same inputs.
+        assert entry["cases"]["tiny/crobim-u"]["flops"] > entry["cases"]["tiny/crobim"]["flops"]
+        assert entry["cases"]["tiny/crobim-u"]["flops"] > entry["cases"]["tiny/encoders"]["flops"]
+        assert math.isfinite(entry["ratios"]["tiny"]["crobim_u_over_crobim"]["median"])
+    parameters = results["models"]["tiny"]["parameters"]
+    assert parameters["crobim-u"] == parameters["encoders"] + parameters["ours (fusion, decoder, uncertainty)"]
+    assert results["environment"]["torch_threads"] == 1 and results["environment"]["command"].endswith(str(output))
+
+
+def test_many_expressions_quick(tmp_path):
+    output = tmp_path / "many.json"
+    run_script("many_expressions.py", "--quick", "--output", str(output))
+    results = json.loads(output.read_text())
+    assert set(results["cases"]) == {"shared", "separate", "repeated"}
+    # Sharing the image encoding changes nothing in the answers.
+    assert max(results["max_abs_logit_difference"].values()) < 1e-4
+    assert results["speedup"]["shared_over_separate"]["median"] > 0
+
+
+def test_training_step_quick(tmp_path):
+    output = tmp_path / "training.json"
+    run_script("training_step.py", "--quick", "--output", str(output))
+    results = json.loads(output.read_text())
+    off, on = results["variants"]["off"], results["variants"]["on"]
+    assert not off["checkpointed_modules"]
+    # Swin's stages are not checkpointed on top of their layers (that would recompute each layer twice).
+    assert "SwinLayer" in on["checkpointed_modules"] and "SwinStage" not in on["checkpointed_modules"]
+    assert "CrobimUMutualInteractionLayer" in on["checkpointed_modules"]
+    for row in (off, on):
+        assert row["peak_allocated_gib"] >= row["weights_gib"] + row["optimizer_state_gib"]
+        assert math.isfinite(row["loss"])
+    assert results["tiny"]["steps_per_s"] > 0
+
+
+def test_gpu_benchmark_smoke_without_compile():
+    stdout = run_script("gpu_benchmark.py", "--smoke", "--no-compile")
+    assert "inference/eager" in stdout and "training/eager" in stdout and "failed" not in stdout
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_with_compile(tmp_path):
+    output = tmp_path / "gpu.json"
+    run_script("gpu_benchmark.py", "--smoke", "--output", str(output), timeout=600)
+    results = json.loads(output.read_text())
+    assert set(results["cases"]) == {"inference/eager", "training/eager", "inference/compiled", "training/compiled"}
+    assert all("step_s" in case for case in results["cases"].values()), results["cases"]
+    assert results["flops"]["training_step"] > 2 * results["flops"]["inference_forward"]
+
+
+def test_gpu_benchmark_peak_table():
+    import gpu_benchmark
+
+    assert gpu_benchmark.table_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_benchmark.table_peak("NVIDIA H100 PCIe") == 756e12
+    assert gpu_benchmark.table_peak("NVIDIA H200") == 989e12
+    assert gpu_benchmark.table_peak("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu_benchmark.table_peak("Some Future GPU") is None
