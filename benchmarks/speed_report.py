@@ -2,7 +2,7 @@
 
     python benchmarks/speed_report.py [--results benchmarks/results]
 
-Reads `inference_speed.json`, `many_expressions.json`, `training_step.json` and, where present, `gpu.json`; prints
+Reads `inference_speed.json`, `many_expressions.json`, `training_step*.json` and, where present, `gpu.json`; prints
 one table per file with the machine, the versions, the command and the load average it ran under. Every timing is
 "median (min-max)" over the timed repeats, after warm-up.
 """
@@ -130,11 +130,10 @@ def main() -> None:
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
     folder = Path(args.results)
-    for name, render in (("inference_speed", inference), ("many_expressions", many_expressions),
-                         ("training_step", training), ("gpu", gpu)):
-        path = folder / f"{name}.json"
-        if path.exists():
-            print(f"### {name}\n")
+    for pattern, render in (("inference_speed", inference), ("many_expressions", many_expressions),
+                            ("training_step*", training), ("gpu", gpu)):
+        for path in sorted(folder.glob(f"{pattern}.json")):
+            print(f"### {path.stem}\n")
             print("\n".join(render(json.loads(path.read_text()))) + "\n")
 
 

@@ -126,3 +126,12 @@ def test_gpu_benchmark_peak_table():
     assert gpu_benchmark.table_peak("NVIDIA H200") == 989e12
     assert gpu_benchmark.table_peak("NVIDIA A100-SXM4-80GB") == 312e12
     assert gpu_benchmark.table_peak("Some Future GPU") is None
+
+
+def test_profile_decoder_quick(monkeypatch, capsys):
+    import profile_decoder
+
+    monkeypatch.setattr(sys, "argv", ["profile_decoder.py", "--quick"])
+    profile_decoder.main()
+    output = capsys.readouterr().out
+    assert "| lgfa |" in output and "| mid |" in output and "aten::linear" in output
