@@ -144,18 +144,17 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _mean_and_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and population-free sample std over seeds of every scalar metric (std 0 for one seed)."""
-    summary: dict[str, Any] = {}
+    """Mean and sample std over seeds of every scalar metric (std 0 for one seed), also for the distractor subset."""
     keys = [key for key in (*SEGMENTATION_KEYS, *UNCERTAINTY_KEYS) if all(key in run for run in runs)]
-    for key in keys:
-        values = [run[key] for run in runs]
-        summary[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-    for key in SEGMENTATION_KEYS:
-        values = [run["with_distractor"][key] for run in runs]
-        summary.setdefault("with_distractor", {})[key] = {
-            "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0
-        }
+    summary: dict[str, Any] = {key: _mean_and_std([run[key] for run in runs]) for key in keys}
+    summary["with_distractor"] = {
+        key: _mean_and_std([run["with_distractor"][key] for run in runs]) for key in SEGMENTATION_KEYS
+    }
     return summary
 
 
