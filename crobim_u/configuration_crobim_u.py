@@ -12,6 +12,8 @@ from transformers.configuration_utils import SubConfigSpec
 # The feature strides an AutoBackbone must produce, in order: CAPM, LGFA and MID read all four.
 BACKBONE_STRIDES = (4, 8, 16, 32)
 FOUR_STAGES = ["stage1", "stage2", "stage3", "stage4"]
+# Strides the mask head can work at (below 4 through an image stem, see `mask_stride`).
+MASK_STRIDES = (4, 2, 1)
 
 # Named presets. Full-size presets follow the recipe of the field (Swin-B window 12 or ConvNeXt-B, BERT-base,
 # 480x480 inputs); `tiny` keeps tests and the CPU demo fast.
@@ -106,7 +108,11 @@ class CrobimUConfig(PreTrainedConfig):
         mid_layers_per_level (`int`, *optional*, defaults to 1):
             Bidirectional MID layers at each of strides 32, 16 and 8 (coarse to fine).
         mask_head_dim (`int`, *optional*, defaults to 128):
-            Width of the stride-4 pixel embedding that the mask head and UDLR read.
+            Width of the pixel embedding that the mask head and UDLR read.
+        mask_stride (`int`, *optional*, defaults to 4):
+            Stride of the mask head, 4, 2 or 1. Below 4, a light convolutional stem reads the image at that stride
+            and the stride-4 pixel embedding is upsampled onto it (a U-Net-style detail path): objects a few pixels
+            across, such as vehicles, are lost at stride 4.
         hidden_dropout (`float`, *optional*, defaults to 0.0):
             Dropout after attention and feed-forward blocks.
         use_rus (`bool`, *optional*, defaults to `True`):
@@ -114,7 +120,7 @@ class CrobimUConfig(PreTrainedConfig):
         use_ugf (`bool`, *optional*, defaults to `True`):
             Uncertainty-Gated Fusion at `ugf_levels`; needs `use_rus`.
         use_udlr (`bool`, *optional*, defaults to `True`):
-            Uncertainty-Driven Local Refinement at stride 4; needs `use_rus`.
+            Uncertainty-Driven Local Refinement at `mask_stride`; needs `use_rus`.
         ugf_levels (`list[int]`, *optional*, defaults to `[8, 16, 32]`):
             Strides (from 4, 8, 16, 32) at which UGF adds its gated language increment.
         ugf_gate_scale_init (`float`, *optional*, defaults to 4.0):
@@ -165,6 +171,7 @@ class CrobimUConfig(PreTrainedConfig):
     capm_num_layers: int = 1
     mid_layers_per_level: int = 1
     mask_head_dim: int = 128
+    mask_stride: int = 4
     hidden_dropout: float = 0.0
     use_rus: bool = True
     use_ugf: bool = True
@@ -205,6 +212,8 @@ class CrobimUConfig(PreTrainedConfig):
         for name in ("ffn_dim", "mask_head_dim", "udlr_hidden_dim", "capm_num_layers", "mid_layers_per_level"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.mask_stride not in MASK_STRIDES:
+            raise ValueError(f"mask_stride must be one of {MASK_STRIDES}, got {self.mask_stride!r}.")
         if self.num_prompts < 0:
             raise ValueError(f"num_prompts must be >= 0, got {self.num_prompts}.")
         unknown_levels = sorted(set(self.ugf_levels) - set(BACKBONE_STRIDES))

@@ -27,7 +27,7 @@ from transformers.utils import ModelOutput
 from .configuration_crobim_u import BACKBONE_STRIDES, FOUR_STAGES, CrobimUConfig
 
 
-# MID decodes coarse to fine at these strides, then the mask head works at stride 4.
+# MID decodes coarse to fine at these strides, then the mask head works at stride 4 (or `mask_stride`).
 DECODER_STRIDES = (32, 16, 8)
 # CAPM reads visual context at these strides (stride 4 adds many tokens and little context).
 CONTEXT_STRIDES = (8, 16, 32)
@@ -61,8 +61,8 @@ class CrobimUSegmentationOutput(ModelOutput):
             `Lseg(P) + λc·Lseg(P_coarse) + λu·BCE(U, E)` (the terms of switched-off modules are left out).
         logits (`torch.FloatTensor` of shape `(batch_size, 1, height, width)`):
             Mask logits `P` at the input resolution.
-        coarse_logits (`torch.FloatTensor` of shape `(batch_size, 1, height / 4, width / 4)`):
-            Mask logits of the MID head before UDLR; equal to `logits` at stride 4 when UDLR is off.
+        coarse_logits (`torch.FloatTensor` of shape `(batch_size, 1, height / s, width / s)`, `s = mask_stride`):
+            Mask logits of the MID head before UDLR; equal to `logits` at stride `s` when UDLR is off.
         uncertainty_logits (`torch.FloatTensor` of shape `(batch_size, 1, height / 32, width / 32)`, *optional*):
             Referring-uncertainty logits `U` of RUS; `None` when `use_rus=False`.
         segmentation_loss (`torch.FloatTensor` of shape `()`, *optional*):
@@ -188,10 +188,10 @@ class CrobimUFeedForward(nn.Sequential):
         )
 
 
-def conv_norm_act(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
+def conv_norm_act(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
     """Conv + GroupNorm + GELU: GroupNorm keeps the decoder independent of the (small) batch size."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
         nn.GroupNorm(math.gcd(8, out_channels), out_channels),
         nn.GELU(),
     )
@@ -396,7 +396,8 @@ class CrobimUMutualInteractionDecoder(nn.Module):
 
     Our interpretation of the mask head: a stride-4 pixel embedding `E` (`mask_head_dim` channels) scored against a
     projection of the decoded sentence vector, `P_coarse = <E, q> / sqrt(mask_head_dim) + b`, so the final decision
-    is conditioned on the language directly.
+    is conditioned on the language directly. With `mask_stride` below 4, `E` is upsampled onto the features of a
+    [`CrobimUDetailStem`] and mixed with them by a 3x3 convolution before it is scored.
     """
 
     def __init__(self, config: CrobimUConfig):
@@ -413,14 +414,24 @@ class CrobimUMutualInteractionDecoder(nn.Module):
             conv_norm_act(config.d_model, config.mask_head_dim, 1),
             conv_norm_act(config.mask_head_dim, config.mask_head_dim, 3),
         )
+        self.detail_fuse = (
+            conv_norm_act(config.mask_head_dim, config.mask_head_dim, 3) if config.mask_stride < 4 else None
+        )
         self.sentence_norm = nn.LayerNorm(config.d_model)
         self.sentence_proj = nn.Linear(config.d_model, config.mask_head_dim)
         self.mask_bias = nn.Parameter(torch.zeros(1))
 
     def forward(
-        self, fused_maps: dict[int, torch.Tensor], language: torch.Tensor, language_mask: torch.Tensor
+        self,
+        fused_maps: dict[int, torch.Tensor],
+        language: torch.Tensor,
+        language_mask: torch.Tensor,
+        detail_map: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the coarse mask logits `(B, 1, H/4, W/4)` and the pixel embedding `(B, mask_head_dim, H/4, W/4)`."""
+        """
+        Returns the coarse mask logits `(B, 1, H/s, W/s)` and the pixel embedding `(B, mask_head_dim, H/s, W/s)`,
+        with `s` = 4, or the stride of `detail_map` (the [`CrobimUDetailStem`] features) where given.
+        """
         coarser = None
         for stride in (*DECODER_STRIDES, 4):
             feature_map = fused_maps[stride]
@@ -438,9 +449,30 @@ class CrobimUMutualInteractionDecoder(nn.Module):
             coarser = unflatten_tokens(vision, height, width)
 
         pixel_embedding = self.pixel_head(feature_map)
+        if detail_map is not None:
+            upsampled = F.interpolate(pixel_embedding, size=detail_map.shape[-2:], mode="bilinear", align_corners=False)
+            pixel_embedding = self.detail_fuse(upsampled + detail_map)
         query = self.sentence_proj(self.sentence_norm(masked_mean(language, language_mask)))
         coarse_logits = torch.einsum("bchw,bc->bhw", pixel_embedding, query) / math.sqrt(query.shape[-1])
         return (coarse_logits + self.mask_bias).unsqueeze(1), pixel_embedding
+
+
+class CrobimUDetailStem(nn.Sequential):
+    """
+    The image at `mask_stride` (2 or 1) for the mask head: 3x3 convolutions straight from the pixels, the first one
+    strided. The backbone's first stage already sits at stride 4, where objects a few pixels across (vehicles, small
+    ships) shrink to a cell or less; this path gives the decoder their edges back, as the skip connections of a
+    U-Net do.
+
+    Our interpretation: the papers decode at stride 4; this path is off there (`mask_stride=4`, the default).
+    """
+
+    def __init__(self, config: CrobimUConfig):
+        num_channels = getattr(config.backbone_config, "num_channels", 3)
+        super().__init__(
+            conv_norm_act(num_channels, config.mask_head_dim, 3, stride=config.mask_stride),
+            conv_norm_act(config.mask_head_dim, config.mask_head_dim, 3),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -700,6 +732,7 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
             else None
         )
         self.mid = CrobimUMutualInteractionDecoder(config)
+        self.detail_stem = CrobimUDetailStem(config) if config.mask_stride < 4 else None
         self.udlr = CrobimULocalRefiner(config) if config.use_udlr else None
         self.post_init()
 
@@ -886,7 +919,12 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
             for stride, gated_fusion in self.ugf.items():
                 fused_maps[int(stride)] = gated_fusion(fused_maps[int(stride)], uncertainty, language, language_mask)
 
-        coarse_logits, pixel_embedding = self.mid(fused_maps, language, language_mask)
+        detail_map = None
+        if self.detail_stem is not None:
+            detail_map = self.detail_stem(pixel_values)
+            if image_indices is not None:
+                detail_map = detail_map[image_indices]
+        coarse_logits, pixel_embedding = self.mid(fused_maps, language, language_mask, detail_map)
         fine_logits = coarse_logits if self.udlr is None else self.udlr(pixel_embedding, coarse_logits, uncertainty)
         logits = F.interpolate(fine_logits, size=(height, width), mode="bilinear", align_corners=False)
 

@@ -80,6 +80,7 @@ def test_preset_override_of_another_model_type_replaces_the_sub_config():
         ({"ffn_dim": 0}, "ffn_dim"),
         ({"backbone_config": {"model_type": "swin", "out_features": ["stage3", "stage4"]}}, "4 feature maps"),
         ({"ugf_levels": []}, "at least one stride"),
+        ({"mask_stride": 8}, "mask_stride must be one of"),
     ],
 )
 def test_impossible_settings_raise_clear_errors(settings, message):

@@ -48,6 +48,31 @@ def test_every_switch_combination_runs_forward_and_backward(use_rus, use_ugf, us
         assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("rus."))
 
 
+@pytest.mark.parametrize("mask_stride", [4, 2, 1])
+def test_mask_stride_sets_the_resolution_of_the_mask_head(mask_stride, inputs):
+    model = tiny_model(mask_stride=mask_stride).train()
+    outputs = model(**inputs)
+    side = 64 // mask_stride
+    assert outputs.coarse_logits.shape == (2, 1, side, side)
+    assert outputs.logits.shape == (2, 1, 64, 64)
+    has_stem = any(name.startswith("detail_stem.") for name, _ in model.named_parameters())
+    assert has_stem == (mask_stride < 4)
+    outputs.loss.backward()
+    if has_stem:
+        assert model.detail_stem[0][0].weight.grad.abs().sum() > 0
+
+
+def test_several_expressions_share_the_detail_stem_of_their_image():
+    model = tiny_model(mask_stride=2)
+    batch = tiny_inputs(batch_size=3)
+    with torch.no_grad():
+        separate = model(pixel_values=batch["pixel_values"][[0, 0, 1]], input_ids=batch["input_ids"])
+        shared = model(
+            pixel_values=batch["pixel_values"][:2], input_ids=batch["input_ids"], image_indices=torch.tensor([0, 0, 1])
+        )
+    torch.testing.assert_close(shared.logits, separate.logits, atol=1e-5, rtol=1e-5)
+
+
 def test_all_off_model_is_the_crobim_base_without_uncertainty_parameters():
     base = tiny_model(use_rus=False, use_ugf=False, use_udlr=False)
     names = [name for name, _ in base.named_parameters()]
