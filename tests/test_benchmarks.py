@@ -135,3 +135,44 @@ def test_profile_decoder_quick(monkeypatch, capsys):
     profile_decoder.main()
     output = capsys.readouterr().out
     assert "| lgfa |" in output and "| mid |" in output and "aten::linear" in output
+
+
+def test_mask_stride_ceiling_by_hand_and_as_a_script(tmp_path):
+    import mask_stride_ceiling
+
+    # A 2x2 object inside one 4x4 cell holds a quarter of it: a perfect stride-4 map, upsampled, draws nothing there.
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[5:7, 5:7] = True
+    assert not mask_stride_ceiling.ceiling_masks(mask, 4).any()
+    assert torch.equal(mask_stride_ceiling.ceiling_masks(mask, 1), mask)
+    # A large square survives at stride 4 almost exactly.
+    big = torch.zeros(64, 64, dtype=torch.bool)
+    big[8:40, 8:40] = True
+    ceiling = mask_stride_ceiling.ceiling_masks(big, 4)
+    assert (ceiling & big).sum() / (ceiling | big).sum() > 0.9
+
+    output = tmp_path / "ceiling.json"
+    run_script("mask_stride_ceiling.py", "--num-test", "12", "--image-size", "64", "--output", str(output))
+    results = json.loads(output.read_text())
+    assert results["stride 1"]["mIoU"] == 1.0
+    assert results["stride 8"]["mIoU"] <= results["stride 4"]["mIoU"] <= results["stride 2"]["mIoU"] <= 1.0
+
+
+def test_demo_variants_script_trains_and_scores_a_variant(tmp_path):
+    import demo_variants
+
+    from crobim_u.demo import DEMO_MODEL_OVERRIDES
+
+    # The demo's own entry must be the demo's recipe, unchanged.
+    assert demo_variants.VARIANTS["demo: resnet, stride 2, init 0.05, lr 2e-3"] == {}
+    assert DEMO_MODEL_OVERRIDES["mask_stride"] == 2
+    output = tmp_path / "variants.json"
+    run_script(
+        "demo_variants.py", "--variants", "swin, stride 4", "--max-steps", "2", "--num-train", "16", "--num-test", "8",
+        "--output", str(output), timeout=300,
+    )
+    results = json.loads(output.read_text())
+    (row,) = results["results"]
+    assert row["variant"] == "swin, stride 4"
+    assert 0.0 <= row["mIoU"] <= 1.0 and 0.0 <= row["with_distractor_mIoU"] <= 1.0
+    assert 0.0 <= results["class_only"]["mIoU"] <= 1.0

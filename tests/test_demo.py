@@ -117,3 +117,18 @@ def test_recipe_model_overrides_reach_the_model():
     assert model.config.uncertainty_target == "hard"
     # A backbone override updates the preset's Swin settings and keeps the recipe's image size.
     assert (model.config.backbone_config.embed_dim, model.config.backbone_config.image_size) == (8, 64)
+
+
+def test_demo_model_is_the_tiny_preset_with_a_resnet_encoder_and_a_stride_2_mask_head(quick_run):
+    output_dir, _, captured = quick_run
+    config = captured["model"].config
+    assert config.backbone_config.model_type == "resnet" and config.mask_stride == 2
+    assert config.d_model == demo.CrobimUConfig.from_preset("tiny").d_model
+    # The logits come from a stride-2 head: the coarse logits are half the input side.
+    rows = captured["dataset"]
+    inputs = captured["processor"](images=list(rows["image"])[:1], text=list(rows["expression"])[:1])
+    inputs.pop("original_sizes")
+    with torch.no_grad():
+        outputs = captured["model"](**inputs)
+    assert outputs.coarse_logits.shape[-1] * 2 == outputs.logits.shape[-1]
+    assert "resnet image encoder, mask head at stride 2" in (output_dir / "README.md").read_text()

@@ -1,0 +1,100 @@
+"""Variants of the demo's recipe at one budget: which image encoder, mask stride and optimiser settings learn fastest.
+
+    python benchmarks/demo_variants.py [--variants NAME ...] [--max-steps 600] [--threads 1] [--output FILE]
+
+Every variant trains on the demo's data (6,000 synthetic training scenes, 160x160, medium, seed 0) with the demo's
+recipe and seed, changed only as its entry in `VARIANTS` says, and is scored on the demo's 300 test scenes, overall
+and on the samples with a same-class distractor, next to the class-only reference. This is how the demo's model
+(`crobim_u.demo.DEMO_MODEL_OVERRIDES`) was chosen; BENCHMARKS.md has the table.
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from crobim_u.data.synthetic import load_synthetic
+from crobim_u.demo import DEMO_MODEL_OVERRIDES, DemoRecipe, score_with_distractor_subset, train_on_synthetic
+from crobim_u.inference.evaluation import evaluate_reference_masks
+
+
+RESNET = DEMO_MODEL_OVERRIDES["backbone_config"]
+# Name -> DemoRecipe fields. `model_overrides` replaces the demo's own as a whole (`{}`: the plain `tiny` preset).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "swin, stride 4": {"model_overrides": {}, "learning_rate": 1e-3},
+    "swin, stride 2": {"model_overrides": {"mask_stride": 2}, "learning_rate": 1e-3},
+    "swin, stride 2, init 0.05": {
+        "model_overrides": {"mask_stride": 2, "initializer_range": 0.05}, "learning_rate": 1e-3,
+    },
+    "resnet, stride 2": {"model_overrides": {"backbone_config": RESNET, "mask_stride": 2}, "learning_rate": 1e-3},
+    "resnet, stride 2, init 0.05": {"learning_rate": 1e-3},
+    "resnet, stride 2, init 0.05, dice weight 2": {"learning_rate": 1e-3, "dice_weight": 2.0},
+    "demo: resnet, stride 2, init 0.05, lr 2e-3": {},
+}
+
+
+def run_variant(name: str, max_steps: int, work_dir: str, data: Any) -> dict[str, Any]:
+    recipe = DemoRecipe(max_steps=max_steps, **VARIANTS[name])
+    started = time.time()
+    model, processor, trainer = train_on_synthetic(recipe, data["train"], work_dir, seed=0, progress=False)
+    train_seconds = time.time() - started
+    scores = score_with_distractor_subset(model, processor, data["test"], recipe.eval_batch_size, progress=False)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {
+        "variant": name,
+        "mIoU": scores["mIoU"],
+        "oIoU": scores["oIoU"],
+        "with_distractor_mIoU": scores["with_distractor"]["mIoU"],
+        "final_logged_loss": losses[-1] if losses else None,
+        "train_seconds": train_seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--max-steps", type=int, default=600)
+    parser.add_argument("--num-train", type=int, default=DemoRecipe.num_train)
+    parser.add_argument("--num-test", type=int, default=DemoRecipe.num_test)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (one variant at a time)")
+    parser.add_argument("--output", help="also write the results to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    recipe = DemoRecipe()
+    data = load_synthetic(
+        num_train=args.num_train, num_validation=0, num_test=args.num_test, image_size=recipe.image_size,
+        difficulty=recipe.difficulty, seed=0,
+    )
+    class_only = evaluate_reference_masks(data["test"], "class_mask")
+    with_distractor = data["test"].filter(lambda flag: flag, input_columns="has_distractor")
+    class_only_distractor = evaluate_reference_masks(with_distractor, "class_mask")
+    results = []
+    for name in args.variants:
+        with tempfile.TemporaryDirectory() as work_dir:
+            results.append(run_variant(name, args.max_steps, work_dir, data))
+        print(json.dumps(results[-1]), flush=True)
+
+    print(
+        f"\n{args.max_steps} steps, batch {recipe.batch_size}; class-only reference: mIoU "
+        f"{100 * class_only['mIoU']:.2f}, {100 * class_only_distractor['mIoU']:.2f} with a distractor"
+    )
+    print("| variant | mIoU | oIoU | mIoU, with distractor |")
+    print("|---|---:|---:|---:|")
+    for row in results:
+        print(f"| {row['variant']} | {100 * row['mIoU']:.2f} | {100 * row['oIoU']:.2f} | "
+              f"{100 * row['with_distractor_mIoU']:.2f} |")
+    if args.output:
+        with open(args.output, "w") as file:
+            json.dump(
+                {"args": vars(args), "class_only": class_only, "class_only_with_distractor": class_only_distractor,
+                 "results": results},
+                file, indent=2,
+            )
+
+
+if __name__ == "__main__":
+    main()
