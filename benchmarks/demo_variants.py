@@ -33,6 +33,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "resnet, stride 2, init 0.05": {"learning_rate": 1e-3},
     "resnet, stride 2, init 0.05, dice weight 2": {"learning_rate": 1e-3, "dice_weight": 2.0},
     "demo: resnet, stride 2, init 0.05, lr 2e-3": {},
+    "demo, 16-channel pixel embedding": {"model_overrides": {**DEMO_MODEL_OVERRIDES, "mask_head_dim": 16}},
 }
 
 
