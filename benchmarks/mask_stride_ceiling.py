@@ -26,10 +26,9 @@ STRIDES = (8, 4, 2, 1)
 
 def ceiling_masks(mask: torch.Tensor, stride: int) -> torch.Tensor:
     """`(H, W)` binary mask -> what a perfect stride-`stride` map gives after bilinear upsampling and `> 0.5`."""
-    target = mask[None, None].float()
     if stride == 1:
         return mask.bool()
-    share = F.avg_pool2d(target, stride)
+    share = F.avg_pool2d(mask[None, None].float(), stride)
     upsampled = F.interpolate(share, size=mask.shape, mode="bilinear", align_corners=False)
     return upsampled[0, 0] > 0.5
 
