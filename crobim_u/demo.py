@@ -169,11 +169,17 @@ class _TensorDataset(torch.utils.data.Dataset):
 
 
 def preprocess(
-    dataset: Dataset, processor: CrobimUProcessor, chunk_size: int = 256, progress: bool = True
+    dataset: Dataset,
+    processor: CrobimUProcessor,
+    chunk_size: int = 256,
+    progress: bool = True,
+    frozen_text_encoder: torch.nn.Module | None = None,
 ) -> _TensorDataset:
     """
     Runs the processor over the split once, so that training reads tensors instead of decoding JPEGs at every step.
-    Images are kept as float16 (halving the memory; the model computes in float32) and masks as uint8.
+    Images are kept as float16 (halving the memory; the model computes in float32) and masks as uint8. With a
+    `frozen_text_encoder`, its hidden states replace the token ids (the model's `text_hidden_states` input), so that
+    no training step runs it again.
     """
     collate = CrobimUDataCollator(processor)
     parts = []
@@ -182,15 +188,21 @@ def preprocess(
         batch = collate(list(rows.select_columns(["image", "mask", "expression"])))
         batch["pixel_values"] = batch["pixel_values"].half()
         batch["labels"] = batch["labels"].to(torch.uint8)
+        if frozen_text_encoder is not None:
+            text = {key: batch.pop(key) for key in ("input_ids", "token_type_ids") if key in batch}
+            with torch.no_grad():
+                outputs = frozen_text_encoder(**text, attention_mask=batch["attention_mask"])
+            batch["text_hidden_states"] = outputs.last_hidden_state
         parts.append(batch)
     # Pad every chunk's tokens to one length so that any batch stacks.
-    length = max(part["input_ids"].shape[1] for part in parts)
+    length = max(part["attention_mask"].shape[1] for part in parts)
     columns = {}
     for name in parts[0]:
         tensors = [part[name] for part in parts]
-        if tensors[0].ndim == 2 and name in ("input_ids", "attention_mask", "token_type_ids"):
+        if name in ("input_ids", "attention_mask", "token_type_ids", "text_hidden_states"):
             pad = processor.tokenizer.pad_token_id if name == "input_ids" else 0
-            tensors = [torch.nn.functional.pad(t, (0, length - t.shape[1]), value=pad) for t in tensors]
+            widths = (0, 0) if name == "text_hidden_states" else ()
+            tensors = [torch.nn.functional.pad(t, (*widths, 0, length - t.shape[1]), value=pad) for t in tensors]
         columns[name] = torch.cat(tensors)
     return _TensorDataset(columns)
 
@@ -278,7 +290,11 @@ def train_on_synthetic(
     processor = CrobimUProcessor(
         CrobimUImageProcessor(size={"height": side, "width": side}), tokenizer, max_length=recipe.max_length
     )
-    train_dataset = preprocess(train_split, processor, progress=progress)
+    frozen = not any(parameter.requires_grad for parameter in model.text_encoder.parameters())
+    model.text_encoder.eval()
+    train_dataset = preprocess(
+        train_split, processor, progress=progress, frozen_text_encoder=model.text_encoder if frozen else None
+    )
 
     args = CrobimUTrainingArguments(
         output_dir=output_dir,

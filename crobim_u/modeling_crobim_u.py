@@ -799,23 +799,45 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
 
     def encode_text(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        text_hidden_states: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the projected word tokens `(B, L, d_model)` and the boolean word mask `(B, L)`."""
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}.")
+        """
+        Returns the projected word tokens `(B, L, d_model)` and the boolean word mask `(B, L)`.
+
+        `text_hidden_states`, the text encoder's last hidden states computed beforehand, skip the text encoder.
+        """
+        if text_hidden_states is None:
+            if input_ids is None:
+                raise ValueError("encode_text needs input_ids or text_hidden_states.")
+            if input_ids.ndim != 2:
+                raise ValueError(
+                    f"input_ids must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}."
+                )
+            shape = input_ids.shape
+        else:
+            hidden_size = self.config.text_config.hidden_size
+            if text_hidden_states.ndim != 3 or text_hidden_states.shape[-1] != hidden_size:
+                raise ValueError(
+                    f"text_hidden_states must have shape (batch_size, sequence_length, {hidden_size}) (the text "
+                    f"encoder's hidden size), got {tuple(text_hidden_states.shape)}."
+                )
+            shape = text_hidden_states.shape[:2]
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
+            attention_mask = torch.ones(shape, dtype=torch.long, device=self.device)
+        if attention_mask.shape != shape:
+            source = "input_ids" if text_hidden_states is None else "text_hidden_states"
             raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}."
+                f"attention_mask shape {tuple(attention_mask.shape)} does not match {source} {tuple(shape)}."
             )
-        text_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            text_kwargs["token_type_ids"] = token_type_ids
-        words = self.text_proj(self.text_encoder(**text_kwargs).last_hidden_state)
+        if text_hidden_states is None:
+            text_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                text_kwargs["token_type_ids"] = token_type_ids
+            text_hidden_states = self.text_encoder(**text_kwargs).last_hidden_state
+        words = self.text_proj(text_hidden_states)
         word_mask = attention_mask.bool()
         if not bool(word_mask.any(dim=1).all()):
             raise ValueError("Every expression needs at least one attended token; an attention_mask row is all zeros.")
@@ -844,6 +866,7 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
         labels: torch.Tensor | None = None,
         image_indices: torch.Tensor | None = None,
         text_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        text_hidden_states: torch.Tensor | None = None,
         global_step: int | None = None,
         return_dict: bool | None = None,
         **kwargs: Any,
@@ -867,13 +890,23 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
                 The output of [`~CrobimUForReferringSegmentation.encode_text`], words `(batch_size, sequence_length,
                 d_model)` and their mask, instead of `input_ids`: encode an expression once and reuse it, e.g. over
                 the windows of a large scene.
+            text_hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, text_hidden_size)`, *optional*):
+                The text encoder's last hidden states, computed beforehand, instead of `input_ids`: with a frozen
+                text encoder, a training set's expressions can be encoded once rather than at every step.
+                `attention_mask` still marks their padding.
             global_step (`int`, *optional*):
                 The optimisation step, for the warm-up of the uncertainty loss (`uncertainty_warmup_steps`).
                 `None` applies the full weight.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if (input_ids is None) == (text_embeddings is None):
-            raise ValueError("Pass exactly one of input_ids and text_embeddings.")
+        text_sources = [name for name, value in (
+            ("input_ids", input_ids), ("text_embeddings", text_embeddings), ("text_hidden_states", text_hidden_states)
+        ) if value is not None]
+        if len(text_sources) != 1:
+            raise ValueError(
+                "Pass exactly one of input_ids, text_embeddings and text_hidden_states, got "
+                f"{', '.join(text_sources) or 'none'}."
+            )
         if text_embeddings is not None:
             words, word_mask = text_embeddings
             if words.ndim != 3 or words.shape[-1] != self.config.d_model or word_mask.shape != words.shape[:2]:
@@ -881,11 +914,13 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
                     f"text_embeddings must be words (batch_size, sequence_length, {self.config.d_model}) and a mask "
                     f"(batch_size, sequence_length), got {tuple(words.shape)} and {tuple(word_mask.shape)}."
                 )
-        batch_size = (input_ids if text_embeddings is None else words).shape[0]
+            batch_size = words.shape[0]
+        else:
+            batch_size = (input_ids if input_ids is not None else text_hidden_states).shape[0]
         self._check_pixel_values(pixel_values)
         if image_indices is None and pixel_values.shape[0] != batch_size:
             raise ValueError(
-                f"pixel_values has {pixel_values.shape[0]} images but input_ids has {batch_size} expressions; pass "
+                f"pixel_values has {pixel_values.shape[0]} images for {batch_size} expressions; pass "
                 "image_indices to pair several expressions with one image."
             )
         if image_indices is not None:
@@ -904,7 +939,7 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
         if image_indices is not None:
             visual_maps = {stride: feature_map[image_indices] for stride, feature_map in visual_maps.items()}
         if text_embeddings is None:
-            words, word_mask = self.encode_text(input_ids, attention_mask, token_type_ids)
+            words, word_mask = self.encode_text(input_ids, attention_mask, token_type_ids, text_hidden_states)
 
         language, language_mask = self.capm(words, word_mask, visual_maps)
         sentence = masked_mean(language, language_mask)

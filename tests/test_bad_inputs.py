@@ -374,7 +374,7 @@ ROWS = [
            ValueError, r"Got 2 images and 3 expressions"),
     raises("model-images-vs-expressions", lambda tmp, c: c.model(
         pixel_values=torch.zeros(2, 3, SIZE, SIZE), input_ids=torch.ones(3, 4, dtype=torch.long)),
-           ValueError, r"pixel_values has 2 images but input_ids has 3 expressions"),
+           ValueError, r"pixel_values has 2 images for 3 expressions"),
     # Masks and labels
     raises("mask-of-another-size",
            lambda tmp, c: IMAGE_PROCESSOR(np.zeros((2, 2, 3), np.uint8), np.zeros((3, 2), np.uint8)),

@@ -132,3 +132,25 @@ def test_demo_model_is_the_tiny_preset_with_a_resnet_encoder_and_a_stride_2_mask
         outputs = captured["model"](**inputs)
     assert outputs.coarse_logits.shape[-1] * 2 == outputs.logits.shape[-1]
     assert "resnet image encoder, mask head at stride 2" in (output_dir / "README.md").read_text()
+
+
+def test_preprocess_stores_a_frozen_text_encoder_s_features_in_place_of_token_ids():
+    from crobim_u import CrobimUImageProcessor, CrobimUProcessor
+    from crobim_u.data.synthetic import load_synthetic
+
+    model, tokenizer, _ = demo.build_model_and_tokenizer(demo.QUICK_RECIPE, "scratch")
+    model.eval()
+    processor = CrobimUProcessor(CrobimUImageProcessor(size={"height": 64, "width": 64}), tokenizer, max_length=20)
+    rows = load_synthetic(num_train=6, num_validation=0, num_test=0, image_size=64, seed=0)["train"]
+    # Chunks of 4 and 2 rows: their token lengths differ, so the stored features are padded across chunks.
+    plain = demo.preprocess(rows, processor, chunk_size=4, progress=False)
+    cached = demo.preprocess(rows, processor, chunk_size=4, progress=False, frozen_text_encoder=model.text_encoder)
+    assert "input_ids" not in cached.columns
+    length = plain.columns["input_ids"].shape[1]
+    assert cached.columns["text_hidden_states"].shape == (6, length, model.config.text_config.hidden_size)
+    torch.testing.assert_close(cached.columns["attention_mask"], plain.columns["attention_mask"])
+    with torch.no_grad():
+        expected = model(**demo._collate([plain[i] for i in range(6)]))
+        got = model(**demo._collate([cached[i] for i in range(6)]))
+    torch.testing.assert_close(got.logits, expected.logits)
+    torch.testing.assert_close(got.loss, expected.loss)

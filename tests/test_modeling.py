@@ -351,7 +351,7 @@ def test_padding_does_not_change_the_prediction(model):
         (lambda b: b.update(pixel_values=b["pixel_values"][:, :1]), r"got \(2, 1, 64, 64\)"),
         (lambda b: b.update(pixel_values=b["pixel_values"][..., :50, :50]), "multiples of 32"),
         (lambda b: b.update(input_ids=b["input_ids"][:1], attention_mask=b["attention_mask"][:1], labels=None),
-         "2 images but input_ids has 1 expressions"),
+         "2 images for 1 expressions"),
         (lambda b: b.update(labels=b["labels"][:, :32]), r"labels must have shape .* \(2, 64, 64\).* got \(2, 32, 64\)"),
         (lambda b: b.update(labels=b["labels"][:1]), r"got \(1, 64, 64\)"),
         (lambda b: b.update(labels=b["labels"] * 255), r"binary masks in \{0, 1\}"),
@@ -397,7 +397,36 @@ def test_precomputed_text_embeddings_give_the_same_prediction(model, inputs):
         words, word_mask = model.encode_text(inputs["input_ids"], inputs["attention_mask"])
         got = model(pixel_values=inputs["pixel_values"], text_embeddings=(words, word_mask)).logits
     torch.testing.assert_close(got, expected)
-    with pytest.raises(ValueError, match="exactly one of input_ids and text_embeddings"):
+    with pytest.raises(ValueError, match="exactly one of input_ids, text_embeddings and text_hidden_states, got input_ids, text_embeddings"):
         model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"], text_embeddings=(words, word_mask))
     with pytest.raises(ValueError, match="text_embeddings must be words"):
         model(pixel_values=inputs["pixel_values"], text_embeddings=(words[..., :5], word_mask))
+
+
+def test_precomputed_text_hidden_states_give_the_same_loss_and_gradients(model, inputs):
+    model.eval()  # no dropout: the two passes must see the same features
+    with torch.no_grad():
+        hidden = model.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    expected = model(**inputs, global_step=10)
+    expected.loss.backward()
+    expected_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    cached = {key: value for key, value in inputs.items() if key != "input_ids"}
+    got = model(**cached, text_hidden_states=hidden.last_hidden_state, global_step=10)
+    got.loss.backward()
+    torch.testing.assert_close(got.logits, expected.logits)
+    torch.testing.assert_close(got.loss, expected.loss)
+    for name, p in model.named_parameters():
+        if name.startswith("text_encoder."):
+            assert p.grad is None  # the encoder was skipped
+        elif name in expected_grads:
+            torch.testing.assert_close(p.grad, expected_grads[name], msg=name)
+    model.zero_grad()
+    with pytest.raises(ValueError, match="got input_ids, text_hidden_states"):
+        model(**inputs, text_hidden_states=hidden.last_hidden_state)
+    with pytest.raises(ValueError, match=r"text_hidden_states must have shape \(batch_size, sequence_length, "):
+        model(**cached, text_hidden_states=hidden.last_hidden_state[..., :3])
+    with pytest.raises(ValueError, match="attention_mask shape .* does not match text_hidden_states"):
+        model(**{**cached, "attention_mask": inputs["attention_mask"][:, :2]}, text_hidden_states=hidden.last_hidden_state)
+    with pytest.raises(ValueError, match="Pass exactly one of .* got none"):
+        model(pixel_values=inputs["pixel_values"])
