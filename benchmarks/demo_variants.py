@@ -2,6 +2,8 @@
 
     python benchmarks/demo_variants.py [--variants NAME ...] [--max-steps 600] [--threads 1] [--output FILE]
 
+BENCHMARKS.md runs the batch-16 variants for 600 steps and the batch-8 ones for 1,200 (the same samples seen).
+
 Every variant trains on the demo's data (6,000 synthetic training scenes, 160x160, medium, seed 0) with the demo's
 recipe and seed, changed only as its entry in `VARIANTS` says, and is scored on the demo's 300 test scenes, overall
 and on the samples with a same-class distractor, next to the class-only reference. This is how the demo's model
@@ -22,18 +24,44 @@ from crobim_u.inference.evaluation import evaluate_reference_masks
 
 
 RESNET = DEMO_MODEL_OVERRIDES["backbone_config"]
-# Name -> DemoRecipe fields. `model_overrides` replaces the demo's own as a whole (`{}`: the plain `tiny` preset).
+RESNET_STRIDE_2 = {"backbone_config": RESNET, "mask_stride": 2}
+# Name -> DemoRecipe fields; each entry spells out what it changes from the recipe's defaults that matter here.
+# `model_overrides` replaces the demo's own as a whole (`{}`: the plain `tiny` preset).
+BATCH_16 = {"batch_size": 16, "warmup_steps": 30}
+BATCH_8 = {"batch_size": 8, "warmup_steps": 60}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "swin, stride 4": {"model_overrides": {}, "learning_rate": 1e-3},
-    "swin, stride 2": {"model_overrides": {"mask_stride": 2}, "learning_rate": 1e-3},
+    # Batch 16 (BENCHMARKS.md runs them for 600 steps).
+    "swin, stride 4": {**BATCH_16, "model_overrides": {}, "learning_rate": 1e-3},
+    "swin, stride 2": {**BATCH_16, "model_overrides": {"mask_stride": 2}, "learning_rate": 1e-3},
     "swin, stride 2, init 0.05": {
-        "model_overrides": {"mask_stride": 2, "initializer_range": 0.05}, "learning_rate": 1e-3,
+        **BATCH_16, "model_overrides": {"mask_stride": 2, "initializer_range": 0.05}, "learning_rate": 1e-3,
     },
-    "resnet, stride 2": {"model_overrides": {"backbone_config": RESNET, "mask_stride": 2}, "learning_rate": 1e-3},
-    "resnet, stride 2, init 0.05": {"learning_rate": 1e-3},
-    "resnet, stride 2, init 0.05, dice weight 2": {"learning_rate": 1e-3, "dice_weight": 2.0},
-    "demo: resnet, stride 2, init 0.05, lr 2e-3": {},
-    "demo, 16-channel pixel embedding": {"model_overrides": {**DEMO_MODEL_OVERRIDES, "mask_head_dim": 16}},
+    "resnet, stride 2": {**BATCH_16, "model_overrides": RESNET_STRIDE_2, "learning_rate": 1e-3},
+    "resnet, stride 2, init 0.05": {
+        **BATCH_16, "model_overrides": {**RESNET_STRIDE_2, "initializer_range": 0.05}, "learning_rate": 1e-3,
+    },
+    "resnet, stride 2, init 0.05, dice weight 2": {
+        **BATCH_16, "model_overrides": {**RESNET_STRIDE_2, "initializer_range": 0.05}, "learning_rate": 1e-3,
+        "dice_weight": 2.0,
+    },
+    "resnet, stride 2, init 0.05, lr 2e-3": {
+        **BATCH_16, "model_overrides": {**RESNET_STRIDE_2, "initializer_range": 0.05}, "learning_rate": 2e-3,
+    },
+    "resnet, stride 2, init 0.05, lr 2e-3, 16-channel pixel embedding": {
+        **BATCH_16, "model_overrides": {**RESNET_STRIDE_2, "initializer_range": 0.05, "mask_head_dim": 16},
+        "learning_rate": 2e-3,
+    },
+    # Batch 8 (BENCHMARKS.md runs them for 1,200 steps: the same samples as 600 steps of batch 16).
+    "batch 8, init 0.05, lr 2e-3": {
+        **BATCH_8, "model_overrides": {**RESNET_STRIDE_2, "initializer_range": 0.05}, "learning_rate": 2e-3,
+    },
+    "batch 8, init 0.05, lr 1e-3": {
+        **BATCH_8, "model_overrides": {**RESNET_STRIDE_2, "initializer_range": 0.05}, "learning_rate": 1e-3,
+    },
+    "batch 8, init 0.1, lr 2e-3": {
+        **BATCH_8, "model_overrides": {**RESNET_STRIDE_2, "initializer_range": 0.1}, "learning_rate": 2e-3,
+    },
+    "demo: batch 8, init 0.1, lr 1e-3": {},
 }
 
 
@@ -46,6 +74,7 @@ def run_variant(name: str, max_steps: int, work_dir: str, data: Any) -> dict[str
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {
         "variant": name,
+        "batch_size": recipe.batch_size,
         "mIoU": scores["mIoU"],
         "oIoU": scores["oIoU"],
         "with_distractor_mIoU": scores["with_distractor"]["mIoU"],
@@ -80,13 +109,13 @@ def main() -> None:
         print(json.dumps(results[-1]), flush=True)
 
     print(
-        f"\n{args.max_steps} steps, batch {recipe.batch_size}; class-only reference: mIoU "
+        f"\n{args.max_steps} steps; class-only reference: mIoU "
         f"{100 * class_only['mIoU']:.2f}, {100 * class_only_distractor['mIoU']:.2f} with a distractor"
     )
-    print("| variant | mIoU | oIoU | mIoU, with distractor |")
-    print("|---|---:|---:|---:|")
+    print("| variant | batch | mIoU | oIoU | mIoU, with distractor |")
+    print("|---|---:|---:|---:|---:|")
     for row in results:
-        print(f"| {row['variant']} | {100 * row['mIoU']:.2f} | {100 * row['oIoU']:.2f} | "
+        print(f"| {row['variant']} | {row['batch_size']} | {100 * row['mIoU']:.2f} | {100 * row['oIoU']:.2f} | "
               f"{100 * row['with_distractor_mIoU']:.2f} |")
     if args.output:
         with open(args.output, "w") as file:

@@ -161,11 +161,17 @@ def test_mask_stride_ceiling_by_hand_and_as_a_script(tmp_path):
 def test_demo_variants_script_trains_and_scores_a_variant(tmp_path):
     import demo_variants
 
-    from crobim_u.demo import DEMO_MODEL_OVERRIDES
+    from crobim_u.demo import DEMO_MODEL_OVERRIDES, DemoRecipe
 
-    # The demo's own entry must be the demo's recipe, unchanged.
-    assert demo_variants.VARIANTS["demo: resnet, stride 2, init 0.05, lr 2e-3"] == {}
+    # The demo's own entry must be the demo's recipe, unchanged, and its name must say what that recipe is.
+    assert demo_variants.VARIANTS["demo: batch 8, init 0.1, lr 1e-3"] == {}
+    recipe = DemoRecipe()
+    assert (recipe.batch_size, DEMO_MODEL_OVERRIDES["initializer_range"], recipe.learning_rate) == (8, 0.1, 1e-3)
     assert DEMO_MODEL_OVERRIDES["mask_stride"] == 2
+    # The other entries do not follow the demo's defaults: they pin what the demo has since changed.
+    for name, fields in demo_variants.VARIANTS.items():
+        if fields:
+            assert {"batch_size", "learning_rate", "model_overrides"} <= set(fields), name
     output = tmp_path / "variants.json"
     run_script(
         "demo_variants.py", "--variants", "swin, stride 4", "--max-steps", "2", "--num-train", "16", "--num-test", "8",
@@ -176,3 +182,14 @@ def test_demo_variants_script_trains_and_scores_a_variant(tmp_path):
     assert row["variant"] == "swin, stride 4"
     assert 0.0 <= row["mIoU"] <= 1.0 and 0.0 <= row["with_distractor_mIoU"] <= 1.0
     assert 0.0 <= results["class_only"]["mIoU"] <= 1.0
+
+
+def test_demo_step_script_times_both_layouts_and_checks_they_agree(tmp_path):
+    output = tmp_path / "demo_step.json"
+    stdout = run_script("demo_step.py", "--quick", "--threads", "1", "--output", str(output), timeout=300)
+    results = json.loads(output.read_text())
+    assert set(results["step_seconds"]) == {"standard", "channels_last"}
+    assert all(len(case["samples"]) == 2 and case["min"] > 0 for case in results["step_seconds"].values())
+    assert results["channels_last_over_standard"]["of_medians"] > 0
+    assert results["max_logit_difference"] < 1e-4
+    assert "channels-last / standard" in stdout

@@ -131,6 +131,8 @@ def test_demo_model_is_the_tiny_preset_with_a_resnet_encoder_and_a_stride_2_mask
     with torch.no_grad():
         outputs = captured["model"](**inputs)
     assert outputs.coarse_logits.shape[-1] * 2 == outputs.logits.shape[-1]
+    # It trained in channels-last and is back in the standard layout, which safetensors saves.
+    assert all(parameter.is_contiguous() for parameter in captured["model"].parameters())
     assert "resnet image encoder, mask head at stride 2" in (output_dir / "README.md").read_text()
 
 
