@@ -6,8 +6,9 @@
 Builds the demo's model (`crobim_u.demo.build_model_and_tokenizer`, the frozen MiniLM where installed, else the
 scratch text encoder; a frozen one's hidden states are computed once, as the demo does) and times AdamW steps on
 random images, alternating the two layouts in interleaved rounds: the model is moved to the layout of the round
-(`model.to(memory_format=...)`), one untimed step follows, then two timed ones. The demo trains in channels-last and moves the weights back before saving. Also checks that both
-layouts give the same logits. Writes `benchmarks/results/demo_step.json`.
+(`model.to(memory_format=...)`), one untimed step follows, then two timed ones. The demo trains in channels-last
+and moves the weights back before saving. Also checks that both layouts give the same logits. Writes
+`benchmarks/results/demo_step.json`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
-from crobim_u.demo import DemoRecipe, build_model_and_tokenizer  # noqa: E402
+from crobim_u.demo import DemoRecipe, build_model_and_tokenizer, frozen_text_encoder  # noqa: E402
 
 
 LAYOUTS = {"standard": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -50,10 +51,11 @@ def main() -> None:
         ["the white car left of the largest red building"] * args.batch_size, padding="max_length",
         max_length=DemoRecipe.max_length, return_tensors="pt",
     )
-    if not any(parameter.requires_grad for parameter in model.text_encoder.parameters()):
+    encoder = frozen_text_encoder(model)
+    if encoder is not None:
         # As the demo trains: the frozen encoder's hidden states are computed once, not at every step.
         with torch.no_grad():
-            hidden_states = model.text_encoder(**text).last_hidden_state
+            hidden_states = encoder(**text).last_hidden_state
         text = {"text_hidden_states": hidden_states, "attention_mask": text["attention_mask"]}
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     labels = (torch.rand(args.batch_size, args.image_size, args.image_size) > 0.98).float()

@@ -151,6 +151,13 @@ def build_model_and_tokenizer(
     return model, AutoTokenizer.from_pretrained(path), init
 
 
+def frozen_text_encoder(model: CrobimUForReferringSegmentation) -> torch.nn.Module | None:
+    """The model's text encoder, in eval mode, where it is frozen (its features can then be computed once), else None."""
+    if any(parameter.requires_grad for parameter in model.text_encoder.parameters()):
+        return None
+    return model.text_encoder.eval()
+
+
 def _describe(config: CrobimUConfig) -> str:
     """E.g. "`tiny` preset (resnet image encoder, mask head at stride 2)", for the model card."""
     return (
@@ -212,7 +219,7 @@ def preprocess(
 
 def _collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     batch = default_data_collator(rows)
-    batch["pixel_values"] = batch["pixel_values"].float().contiguous(memory_format=torch.channels_last)
+    batch["pixel_values"] = batch["pixel_values"].to(torch.float32, memory_format=torch.channels_last)
     return batch
 
 
@@ -293,10 +300,8 @@ def train_on_synthetic(
     processor = CrobimUProcessor(
         CrobimUImageProcessor(size={"height": side, "width": side}), tokenizer, max_length=recipe.max_length
     )
-    frozen = not any(parameter.requires_grad for parameter in model.text_encoder.parameters())
-    model.text_encoder.eval()
     train_dataset = preprocess(
-        train_split, processor, progress=progress, frozen_text_encoder=model.text_encoder if frozen else None
+        train_split, processor, progress=progress, frozen_text_encoder=frozen_text_encoder(model)
     )
 
     args = CrobimUTrainingArguments(
@@ -458,6 +463,7 @@ __all__ = [
     "QUICK_RECIPE",
     "add_demo_parser",
     "build_model_and_tokenizer",
+    "frozen_text_encoder",
     "run_demo",
     "score_with_distractor_subset",
     "train_on_synthetic",

@@ -397,7 +397,8 @@ def test_precomputed_text_embeddings_give_the_same_prediction(model, inputs):
         words, word_mask = model.encode_text(inputs["input_ids"], inputs["attention_mask"])
         got = model(pixel_values=inputs["pixel_values"], text_embeddings=(words, word_mask)).logits
     torch.testing.assert_close(got, expected)
-    with pytest.raises(ValueError, match="exactly one of input_ids, text_embeddings and text_hidden_states, got input_ids, text_embeddings"):
+    message = "exactly one of input_ids, text_embeddings and text_hidden_states, got input_ids, text_embeddings"
+    with pytest.raises(ValueError, match=message):
         model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"], text_embeddings=(words, word_mask))
     with pytest.raises(ValueError, match="text_embeddings must be words"):
         model(pixel_values=inputs["pixel_values"], text_embeddings=(words[..., :5], word_mask))
@@ -427,6 +428,7 @@ def test_precomputed_text_hidden_states_give_the_same_loss_and_gradients(model, 
     with pytest.raises(ValueError, match=r"text_hidden_states must have shape \(batch_size, sequence_length, "):
         model(**cached, text_hidden_states=hidden.last_hidden_state[..., :3])
     with pytest.raises(ValueError, match="attention_mask shape .* does not match text_hidden_states"):
-        model(**{**cached, "attention_mask": inputs["attention_mask"][:, :2]}, text_hidden_states=hidden.last_hidden_state)
+        short_mask = inputs["attention_mask"][:, :2]
+        model(**{**cached, "attention_mask": short_mask}, text_hidden_states=hidden.last_hidden_state)
     with pytest.raises(ValueError, match="Pass exactly one of .* got none"):
         model(pixel_values=inputs["pixel_values"])

@@ -28,8 +28,8 @@ DEFAULT_TEMPLATE = _find_template()
 INTERPRETATION_FIELDS = (
     "use_rus", "use_ugf", "use_udlr", "num_prompts", "capm_num_layers", "mid_layers_per_level", "mask_head_dim",
     "mask_stride", "ugf_levels", "ugf_gate_scale_init", "ugf_gate_bias_init", "udlr_mask_threshold",
-    "udlr_mask_temperature", "uncertainty_target", "uncertainty_pooling", "uncertainty_loss_weight", "uncertainty_warmup_steps",
-    "detach_uncertainty", "bce_weight", "dice_weight", "coarse_loss_weight",
+    "udlr_mask_temperature", "uncertainty_target", "uncertainty_pooling", "uncertainty_loss_weight",
+    "uncertainty_warmup_steps", "detach_uncertainty", "bce_weight", "dice_weight", "coarse_loss_weight",
 )
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
