@@ -86,11 +86,18 @@ class CrobimUSegmentationOutput(ModelOutput):
 
 
 def sine_position_encoding(height: int, width: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """2-D sine/cosine position encoding of shape `(height * width, dim)`; half the channels encode y, half x."""
+    """
+    2-D sine/cosine position encoding of shape `(height * width, dim)`; half the channels encode y, half x.
+
+    Positions are the cell centres as fractions of the side, so one place in the image has one encoding at every
+    stride and every input size ("left of" reads the same at stride 8 and 32, at 160 and 480 pixels). The angular
+    frequencies run geometrically from pi (half a cycle across the image: the coarse place, without ambiguity) to
+    32 pi (16 cycles: the place to 1/32 of the side).
+    """
     quarter = dim // 4
-    frequencies = 1.0 / (10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter))
-    y = torch.arange(height, device=device, dtype=torch.float32)[:, None] * frequencies
-    x = torch.arange(width, device=device, dtype=torch.float32)[:, None] * frequencies
+    frequencies = math.pi * 32.0 ** (torch.arange(quarter, device=device, dtype=torch.float32) / max(quarter - 1, 1))
+    y = ((torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height)[:, None] * frequencies
+    x = ((torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width)[:, None] * frequencies
     y = torch.cat([y.sin(), y.cos()], dim=-1)[:, None, :].expand(height, width, 2 * quarter)
     x = torch.cat([x.sin(), x.cos()], dim=-1)[None, :, :].expand(height, width, 2 * quarter)
     encoding = torch.cat([y, x], dim=-1).reshape(height * width, 4 * quarter)
@@ -225,7 +232,10 @@ class CrobimUPromptModulationLayer(GradientCheckpointingLayer):
         normed = self.self_attn_norm(language)
         language = language + self.dropout(self.self_attn(normed, normed, normed, language_mask))
         normed = self.cross_attn_norm(language)
-        language = language + self.dropout(self.cross_attn(normed, context + context_position, context))
+        # The positions go into the values too, so that a word carries where the things it read are ("left of the
+        # building" then compares a pixel's place with the building's).
+        placed = context + context_position
+        language = language + self.dropout(self.cross_attn(normed, placed, placed))
         return language + self.dropout(self.ffn(self.ffn_norm(language)))
 
 
@@ -235,9 +245,9 @@ class CrobimUContextAwarePromptModulation(nn.Module):
     multi-scale visual context so that the language features carry what the image shows.
 
     Our interpretation: the context is the stride 8, 16 and 32 visual tokens with 2-D sine position encodings (so
-    that "left of" and "top" can be read from positions) plus a learned embedding per scale; each layer is
-    self-attention over prompts and words, cross-attention to the context, and an FFN (`capm_num_layers`,
-    `num_prompts`).
+    that "left of" and "top" can be read from positions) plus a learned embedding per scale, in the keys and the
+    values; each layer is self-attention over prompts and words, cross-attention to the context, and an FFN
+    (`capm_num_layers`, `num_prompts`).
     """
 
     def __init__(self, config: CrobimUConfig):
@@ -392,7 +402,8 @@ class CrobimUMutualInteractionLayer(GradientCheckpointingLayer):
 class CrobimUMutualInteractionDecoder(nn.Module):
     """
     MID: cascaded bidirectional cross-attention at strides 32, 16 and 8 (coarse to fine, each level starting from
-    the upsampled result of the coarser one), then a mask head at stride 4.
+    the upsampled result of the coarser one), then a mask head at stride 4. Each level adds the 2-D sine position
+    encoding to its visual tokens, so that what the words read carries where it is.
 
     Our interpretation of the mask head: a stride-4 pixel embedding `E` (`mask_head_dim` channels) scored against a
     projection of the decoded sentence vector, `P_coarse = <E, q> / sqrt(mask_head_dim) + b`, so the final decision
@@ -444,6 +455,8 @@ class CrobimUMutualInteractionDecoder(nn.Module):
             height, width = feature_map.shape[-2:]
             vision = flatten_map(feature_map)
             position = sine_position_encoding(height, width, vision.shape[-1], vision.device, vision.dtype)
+            # Each token carries its place (as in a ViT), so that the words read where things are, not only which.
+            vision = vision + position
             for layer in self.levels[str(stride)]:
                 vision, language = layer(vision, position.unsqueeze(0), language, language_mask)
             coarser = unflatten_tokens(vision, height, width)

@@ -11,7 +11,7 @@ from conftest import TINY_VOCAB_SIZE, tiny_config, tiny_inputs, tiny_model
 from transformers import AutoModel, BertConfig, BertModel, ConvNextConfig, ConvNextModel, SwinConfig, SwinModel
 
 from crobim_u import CrobimUConfig, CrobimUForReferringSegmentation
-from crobim_u.modeling_crobim_u import dice_loss, error_consistency_target
+from crobim_u.modeling_crobim_u import dice_loss, error_consistency_target, sine_position_encoding
 
 
 SWITCHES = list(itertools.product([False, True], repeat=3))
@@ -130,6 +130,24 @@ def test_loss_terms_add_up_with_their_weights(inputs):
     assert model.uncertainty_warmup(None) == 1.0
     assert model.uncertainty_warmup(0) == pytest.approx(0.1)
     assert model.uncertainty_warmup(500) == 1.0
+
+
+def test_position_encoding_gives_one_place_one_code_at_every_grid_size():
+    def code(height: int, width: int, row: int, column: int) -> torch.Tensor:
+        return sine_position_encoding(height, width, 64, torch.device("cpu"), torch.float32)[row * width + column]
+
+    # The centre of cell (0, 1) of a 2x2 grid is at (1/4, 3/4) of the sides, as is cell (1, 4) of a 6x6 grid:
+    # the same place at stride 3x finer, or in an image 3x larger.
+    assert torch.allclose(code(2, 2, 0, 1), code(6, 6, 1, 4), atol=1e-5)
+    # Rows change only the y half and columns only the x half.
+    place, other_row, other_column = code(6, 6, 1, 4), code(6, 6, 3, 4), code(6, 6, 1, 0)
+    assert torch.equal(place[32:], other_row[32:]) and not torch.equal(place[:32], other_row[:32])
+    assert torch.equal(place[:32], other_column[:32]) and not torch.equal(place[32:], other_column[32:])
+    # Every place of a fine grid has its own code.
+    grid = sine_position_encoding(20, 20, 64, torch.device("cpu"), torch.float32)
+    assert torch.cdist(grid, grid).add(torch.eye(400) * 10).min() > 0.1
+    # Odd widths are zero-padded.
+    assert sine_position_encoding(3, 5, 10, torch.device("cpu"), torch.float32).shape == (15, 10)
 
 
 def test_error_consistency_target_by_hand():
