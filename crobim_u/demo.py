@@ -68,10 +68,15 @@ class DemoRecipe:
     """Data and training settings of the demo (the defaults are the full run)."""
 
     image_size: int = 160  # generated and model side; 160 keeps the smallest cars ~4 px long at a CPU-friendly cost
-    difficulty: str = "medium"
-    num_train: int = 6000
+    # At "medium" the model stays level with the class-only reference on the distractor subset within the demo's
+    # time; at "easy" (larger objects, fewer of them, fewer relational expressions) it reads the expressions
+    # clearly beyond it. The ablation study uses "easy" for the same reason (BENCHMARKS.md).
+    difficulty: str = "easy"
+    # The demo's 15,200 training samples see each of 12,000 scenes about 1.3 times; with 6,000 scenes (2.5 times
+    # each) the model scored 6 points of mIoU higher on training scenes than on test scenes.
+    num_train: int = 12000
     num_test: int = 300
-    # About 11 minutes of training on the shared 2-core CPU, so that the whole demo stays well under 15 (README).
+    # About 11-12 minutes of training on the shared 2-core CPU, so that the whole demo stays under 15 (README).
     # Batch 8 learns more per second than batch 16: its step takes about 40% of the time of a batch-16 step, and at
     # equal samples seen it reaches a lower loss; batch 4 fell behind (BENCHMARKS.md).
     max_steps: int = 1900
