@@ -4,9 +4,9 @@
 
 For every sample of the synthetic test split (the demo's size; `--difficulty easy` for the demo's data), the true
 mask is reduced to a stride-s map holding each cell's share of target pixels (a perfect coarse prediction),
-upsampled bilinearly to the input size as the model upsamples its logits, and thresholded at one half. The scores of these masks are the
-ceiling of a head at that stride that decides by `probability > 0.5` from a bilinear upsampling; the table also
-gives the target-size percentiles and the class-only reference for comparison.
+upsampled bilinearly to the input size as the model upsamples its logits, and thresholded at one half. The scores
+of these masks are the ceiling of a head at that stride that decides by `probability > 0.5` from a bilinear
+upsampling; the table also gives the target-size percentiles and the class-only reference for comparison.
 """
 
 import argparse

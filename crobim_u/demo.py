@@ -45,8 +45,8 @@ METRIC_KEYS = ("mIoU", "oIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9")
 # The demo's model over the `tiny` preset (README, "The demo", has the measurements):
 # - a small ResNet image encoder: its 3x3 convolutions learn the shapes of small objects from scratch faster than
 #   the tiny Swin's linear 4x4 patch embedding;
-# - the mask head at stride 2: half of the synthetic targets cover under 40 pixels, and even a perfect stride-4 head
-#   would score only 0.46 mIoU on them;
+# - the mask head at stride 2: even a perfect stride-4 head would score only 0.64 mIoU on the demo's easy test scenes
+#   (half of their targets cover under 104 pixels), and 0.46 on medium ones;
 # - a wider initialisation than BERT's 0.02: 0.1 is close to 1/sqrt(d_model) for the preset's 64-wide layers, where
 #   0.02 shrinks every projection's output about sixfold.
 DEMO_MODEL_OVERRIDES: dict[str, Any] = {
