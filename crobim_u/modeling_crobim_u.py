@@ -118,6 +118,33 @@ def unflatten_tokens(tokens: torch.Tensor, height: int, width: int) -> torch.Ten
     return tokens.reshape(tokens.shape[0], height, width, tokens.shape[2]).permute(0, 3, 1, 2)
 
 
+class _SelectImages(torch.autograd.Function):
+    """
+    `images[indices]` along the batch, with a gradient in the images' memory format. Indexing's own backward returns
+    a contiguous gradient; for channels-last images the convolutions, norms and activations upstream then mix two
+    layouts, and on CPU their backward kernels fall back to slow paths (GELU's about 20 times slower).
+    """
+
+    @staticmethod
+    def forward(ctx, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(indices)
+        ctx.shape = images.shape
+        ctx.channels_last = images.ndim == 4 and images.is_contiguous(memory_format=torch.channels_last)
+        return images[indices]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (indices,) = ctx.saved_tensors
+        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        grad_images = torch.zeros(ctx.shape, dtype=grad.dtype, device=grad.device).contiguous(memory_format=layout)
+        return grad_images.index_add_(0, indices, grad), None
+
+
+def select_images(images: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+    """The feature maps `(B_images, C, H, W)` of each expression's image: `(len(indices), C, H, W)`."""
+    return images if indices is None else _SelectImages.apply(images, indices)
+
+
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `tokens` `(B, L, C)` over the positions where `mask` `(B, L)` is True."""
     weights = mask.to(tokens.dtype).unsqueeze(-1)
@@ -950,7 +977,7 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
 
         visual_maps = self.encode_image(pixel_values)
         if image_indices is not None:
-            visual_maps = {stride: feature_map[image_indices] for stride, feature_map in visual_maps.items()}
+            visual_maps = {stride: select_images(feature, image_indices) for stride, feature in visual_maps.items()}
         if text_embeddings is None:
             words, word_mask = self.encode_text(input_ids, attention_mask, token_type_ids, text_hidden_states)
 
@@ -970,8 +997,7 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
         detail_map = None
         if self.detail_stem is not None:
             detail_map = self.detail_stem(pixel_values)
-            if image_indices is not None:
-                detail_map = detail_map[image_indices]
+            detail_map = select_images(detail_map, image_indices)
         coarse_logits, pixel_embedding = self.mid(fused_maps, language, language_mask, detail_map)
         fine_logits = coarse_logits if self.udlr is None else self.udlr(pixel_embedding, coarse_logits, uncertainty)
         logits = F.interpolate(fine_logits, size=(height, width), mode="bilinear", align_corners=False)

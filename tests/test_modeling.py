@@ -73,6 +73,20 @@ def test_several_expressions_share_the_detail_stem_of_their_image():
     torch.testing.assert_close(shared.logits, separate.logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_selecting_images_gives_indexing_s_gradient_in_the_images_layout(layout):
+    from crobim_u.modeling_crobim_u import select_images
+
+    images = torch.randn(3, 4, 5, 6).contiguous(memory_format=layout).requires_grad_()
+    indices = torch.tensor([2, 0, 0, 1, 2])
+    upstream = torch.randn(5, 4, 5, 6)
+    (select_images(images, indices) * upstream).sum().backward()
+    expected = torch.zeros(3, 4, 5, 6).index_add_(0, indices, upstream)
+    torch.testing.assert_close(images.grad, expected)
+    assert images.grad.is_contiguous(memory_format=layout)
+    assert select_images(images, None) is images
+
+
 def test_all_off_model_is_the_crobim_base_without_uncertainty_parameters():
     base = tiny_model(use_rus=False, use_ugf=False, use_udlr=False)
     names = [name for name, _ in base.named_parameters()]
