@@ -12,6 +12,7 @@ from crobim_u.data.synthetic import (
     _Describer,
     _Object,
     generate_sample,
+    generate_scene,
     load_synthetic,
     synthetic_vocabulary,
 )
@@ -74,6 +75,45 @@ def test_load_is_deterministic_and_seeded(tmp_path, dataset):
     # A split's rows depend on (seed, split, index) only: the fixture asked for other split sizes.
     assert [digest(row) for row in first["test"]] == [digest(dataset["test"][i]) for i in range(3)]
     assert len(first["validation"]) == 0
+
+
+def test_a_scene_with_several_expressions_starts_with_the_sample_of_its_stream():
+    for seed in range(20):
+        scene = generate_scene(seed, 128, "easy", num_expressions=3)
+        assert len(scene) == 3
+        assert digest(scene[0]) == digest(generate_sample(seed, 128, "easy"))
+        assert scene[0]["expression"] == generate_sample(seed, 128, "easy")["expression"]
+        assert len({id(sample["image"]) for sample in scene}) == 1
+        for sample in scene:
+            mask, class_mask = arrays(sample)
+            assert mask.any() and np.all(class_mask >= mask)
+    # Distinct (target, wording) pairs wherever the scene allows: most of 40 scenes allow three.
+    distinct = [
+        len({(np.asarray(s["mask"]).tobytes(), s["expression"]) for s in generate_scene(seed, 128, "easy", 3)})
+        for seed in range(40)
+    ]
+    assert sum(count == 3 for count in distinct) >= 30
+    with pytest.raises(ValueError, match="num_expressions must be a positive int, got 0"):
+        generate_scene(0, num_expressions=0)
+
+
+def test_load_with_several_expressions_per_image(tmp_path):
+    kwargs = {"num_validation": 0, "num_test": 0, "image_size": 96, "difficulty": "easy"}
+    scenes = load_synthetic(num_train=5, expressions_per_image=2, cache_dir=str(tmp_path), **kwargs)["train"]
+    single = load_synthetic(num_train=3, cache_dir=str(tmp_path), **kwargs)["train"]
+    assert len(scenes) == 5  # rows, the last scene giving one
+    ids = scenes["image_id"]
+    assert ids[0] == ids[1] != ids[2] == ids[3] != ids[4]
+    assert ids[::2] == single["image_id"]
+    for row in range(0, 5, 2):  # each scene's first row is the single-expression row of the same index
+        assert digest(scenes[row]) == digest(single[row // 2])
+        assert scenes[row]["expression"] == single[row // 2]["expression"]
+    assert np.array_equal(np.asarray(scenes[0]["image"]), np.asarray(scenes[1]["image"]))
+    assert (scenes[0]["expression"], arrays(scenes[0])[0].tobytes()) != (
+        scenes[1]["expression"], arrays(scenes[1])[0].tobytes()
+    )
+    with pytest.raises(ValueError, match="expressions_per_image must be a positive int, got 0"):
+        load_synthetic(expressions_per_image=0)
 
 
 def test_splits_are_disjoint(dataset):

@@ -131,12 +131,14 @@ def test_every_preset_config_parses_into_the_dataclasses(config):
 def test_flags_override_the_json_config_and_switches_reach_the_config_changes():
     model_args, data_args, training_args = parse_arguments(
         [str(CONFIGS[-1]), "--learning_rate", "1e-4", "--use_udlr", "false", "--synthetic_num_train", "8",
-         "--config_overrides", '{"num_prompts": 2, "text_config": {"hidden_dropout_prob": 0.0}}',
+         "--synthetic_expressions_per_image", "2", "--config_overrides", '{"num_prompts": 2, "text_config": {"hidden_dropout_prob": 0.0}}',
          "--lr_scheduler_kwargs", '{"power": 2.0}']
     )
     assert CONFIGS[-1].stem == "synthetic-tiny"
     assert training_args.learning_rate == 1e-4 and training_args.lr_scheduler_kwargs == {"power": 2.0}
     assert data_args.synthetic_num_train == 8
+    loader_kwargs = data_args.loader_kwargs()
+    assert (loader_kwargs["num_train"], loader_kwargs["expressions_per_image"]) == (8, 2)
     assert model_args.config_changes() == {
         "num_prompts": 2, "text_config": {"hidden_dropout_prob": 0.0}, "use_udlr": False,
         "uncertainty_warmup_steps": 100,

@@ -1,8 +1,9 @@
 """Procedural overhead scenes with referring expressions: the embedded default data of crobim-u.
 
 Every sample is a top-down "remote-sensing" scene drawn with numpy and PIL (textured ground, field
-patches, shadows, sensor noise) plus one expression that refers to exactly one object in it. Scenes
-are seeded: the same seed gives the same bytes in every process.
+patches, shadows, sensor noise) plus one expression that refers to exactly one object in it
+(`generate_scene` draws several about one scene, and `load_synthetic(expressions_per_image=K)` stores them as K
+rows with one `image_id`). Scenes are seeded: the same seed gives the same bytes in every process.
 
 Classes (11). Sizes in pixels at 256x256 and difficulty "medium" (length or side, d: diameter, w: width);
 they scale with the image size and the difficulty:
@@ -56,6 +57,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import itertools
 import math
 import os
 import zlib
@@ -738,11 +740,18 @@ def _choose(canvas: _Canvas) -> tuple[_Object, str] | None:
     return None
 
 
-def generate_sample(
-    rng_or_seed: np.random.Generator | int, image_size: int = 256, difficulty: str | float = "medium"
-) -> dict:
+def generate_scene(
+    rng_or_seed: np.random.Generator | int,
+    image_size: int = 256,
+    difficulty: str | float = "medium",
+    num_expressions: int = 1,
+) -> list[dict]:
     """
-    Draws one overhead scene and one referring expression that identifies exactly one object in it.
+    Draws one overhead scene and `num_expressions` referring expressions, each identifying exactly one object in it.
+
+    The first expression is the one `generate_sample` gives for the same stream. The others are drawn the same way,
+    from the same stream, and differ from the ones before in target or in wording, where the scene allows (a scene
+    with fewer distinct expressions than asked repeats them, so that every scene has `num_expressions`).
 
     Args:
         rng_or_seed (`np.random.Generator` or `int`):
@@ -752,13 +761,17 @@ def generate_sample(
             Side of the square image in pixels; object sizes scale with it.
         difficulty (`str` or `float`, *optional*, defaults to `"medium"`):
             `"easy"`, `"medium"`, `"hard"` or a float in [0, 1] (see the module docstring).
+        num_expressions (`int`, *optional*, defaults to 1):
+            Expressions about the scene.
 
     Returns:
-        `dict` with `image` (PIL RGB), `mask` (PIL "L", 0/1: the referred object), `class_mask` (PIL "L",
-        0/1: every object of the referred class), `expression` (`str`), `category` (`str`) and
-        `has_distractor` (`bool`: another object of the referred class is visible). `load_synthetic` adds
-        `image_id` and `split`.
+        `list[dict]`, one per expression, each with `image` (PIL RGB, one object shared by all), `mask` (PIL "L",
+        0/1: the referred object), `class_mask` (PIL "L", 0/1: every object of the referred class), `expression`
+        (`str`), `category` (`str`) and `has_distractor` (`bool`: another object of the referred class is
+        visible). `load_synthetic` adds `image_id` and `split`.
     """
+    if not isinstance(num_expressions, int) or num_expressions < 1:
+        raise ValueError(f"num_expressions must be a positive int, got {num_expressions!r}.")
     knobs = _Knobs.at(difficulty, image_size)
     rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
     chosen = None
@@ -767,16 +780,35 @@ def generate_sample(
         canvas.compose()
         image = canvas.finish()
         chosen = _choose(canvas)
-    target, expression = chosen
-    same = [o.label for o in canvas.objects if o.category == target.category and o.area > 0]
-    return {
-        "image": image,
-        "mask": canvas.labels.point([int(v == target.label) for v in range(256)]),
-        "class_mask": canvas.labels.point([int(v in same) for v in range(256)]),
-        "expression": expression,
-        "category": target.category,
-        "has_distractor": len(same) > 1,
-    }
+    picks = {(chosen[0].label, chosen[1]): chosen}
+    for _ in range(4 * (num_expressions - 1)):  # a bounded search: small scenes have few distinct expressions
+        if len(picks) == num_expressions:
+            break
+        another = _choose(canvas)
+        picks.setdefault((another[0].label, another[1]), another)
+    samples = []
+    for target, expression in itertools.islice(itertools.cycle(picks.values()), num_expressions):
+        same = [o.label for o in canvas.objects if o.category == target.category and o.area > 0]
+        samples.append({
+            "image": image,
+            "mask": canvas.labels.point([int(v == target.label) for v in range(256)]),
+            "class_mask": canvas.labels.point([int(v in same) for v in range(256)]),
+            "expression": expression,
+            "category": target.category,
+            "has_distractor": len(same) > 1,
+        })
+    return samples
+
+
+def generate_sample(
+    rng_or_seed: np.random.Generator | int, image_size: int = 256, difficulty: str | float = "medium"
+) -> dict:
+    """
+    Draws one overhead scene and one referring expression that identifies exactly one object in it: the first (and
+    only) record of `generate_scene(rng_or_seed, image_size, difficulty)`, whose docstring has the arguments and the
+    fields.
+    """
+    return generate_scene(rng_or_seed, image_size, difficulty)[0]
 
 
 def _encode(image: Image.Image) -> dict:
@@ -790,17 +822,24 @@ def _encode(image: Image.Image) -> dict:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
-def _generate_split(split: str, indices: list[int], image_size: int, difficulty: str | float, seed: int):
-    for index in indices:
-        # One stream per (seed, split, index): splits are disjoint, independent of each other's sizes,
-        # and any sample can be regenerated alone.
-        sample = generate_sample(np.random.default_rng([seed, SPLITS.index(split), index]), image_size, difficulty)
-        yield {
-            **sample,
-            **{key: _encode(sample[key]) for key in ("image", "mask", "class_mask")},
-            "image_id": f"synthetic-{difficulty}-{seed}-{split}-{index:06d}",
-            "split": split,
-        }
+def _generate_split(
+    split: str, scenes: list[tuple[int, int]], image_size: int, difficulty: str | float, seed: int,
+    expressions_per_image: int,
+):
+    for index, rows in scenes:
+        # One stream per (seed, split, scene index): splits are disjoint, independent of each other's sizes,
+        # and any scene can be regenerated alone.
+        rng = np.random.default_rng([seed, SPLITS.index(split), index])
+        samples = generate_scene(rng, image_size, difficulty, expressions_per_image)
+        image = _encode(samples[0]["image"])
+        for sample in samples[:rows]:  # the split's last scene may give fewer rows than the others
+            yield {
+                **sample,
+                "image": image,
+                **{key: _encode(sample[key]) for key in ("mask", "class_mask")},
+                "image_id": f"synthetic-{difficulty}-{seed}-{split}-{index:06d}",
+                "split": split,
+            }
 
 
 def load_synthetic(
@@ -812,10 +851,13 @@ def load_synthetic(
     seed: int = 0,
     cache_dir: str | None = None,
     num_proc: int | None = None,
+    expressions_per_image: int = 1,
 ) -> datasets.DatasetDict:
     """
     Builds the synthetic referring-segmentation benchmark: `train`, `validation` and `test` splits of
-    canonical records (the fields of `generate_sample` plus `image_id` and `split`).
+    canonical records (the fields of `generate_sample` plus `image_id` and `split`). With
+    `expressions_per_image` above 1, consecutive rows share a scene (and its `image_id`), as in the
+    benchmarks, where most images carry several expressions.
 
     Images are stored as JPEG (quality 95), masks as PNG.
 
@@ -832,28 +874,36 @@ def load_synthetic(
         num_proc (`int`, *optional*):
             Processes that generate each split. By default one per CPU core for splits of 500 rows or more
             (starting them costs a fraction of a second), one for smaller splits.
+        expressions_per_image (`int`, *optional*, defaults to 1):
+            Rows per scene (see `generate_scene`); a split's row count need not be a multiple of it (its last
+            scene then gives fewer rows). With 1, row `i` is scene `i`.
 
     Returns:
         `datasets.DatasetDict`. The cache is keyed on the arguments and on this file's source, so an edit
         to the generator never serves stale samples.
     """
     _Knobs.at(difficulty, image_size)  # fail before any work on bad arguments
+    if not isinstance(expressions_per_image, int) or expressions_per_image < 1:
+        raise ValueError(f"expressions_per_image must be a positive int, got {expressions_per_image!r}.")
     source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
     splits = {}
     for split, count in zip(SPLITS, (num_train, num_validation, num_test)):
         if count == 0:  # `from_generator` cannot build an empty split
             splits[split] = datasets.Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES, split=split)
             continue
-        key = f"{source}-{split}-{count}-{image_size}-{difficulty}-{seed}"
+        key = f"{source}-{split}-{count}-{image_size}-{difficulty}-{seed}-{expressions_per_image}"
+        per_scene = expressions_per_image
         splits[split] = datasets.Dataset.from_generator(
             _generate_split,
             features=FEATURES,
             gen_kwargs={
                 "split": split,
-                "indices": list(range(count)),  # a list, so that `num_proc` shards it
+                # (scene index, rows) pairs, a list so that `num_proc` shards it
+                "scenes": [(i, min(per_scene, count - i * per_scene)) for i in range(-(-count // per_scene))],
                 "image_size": image_size,
                 "difficulty": difficulty,
                 "seed": seed,
+                "expressions_per_image": per_scene,
             },
             cache_dir=cache_dir,
             num_proc=num_proc if num_proc is not None else (os.cpu_count() if count >= 500 else None),

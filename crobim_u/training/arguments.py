@@ -107,6 +107,9 @@ class DataArguments:
     synthetic_image_size: int = field(default=256, metadata={"help": "Side of the generated scenes."})
     synthetic_difficulty: str = field(default="medium", metadata={"help": "easy, medium, hard or a float in [0, 1]."})
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the scene generator."})
+    synthetic_expressions_per_image: int = field(
+        default=1, metadata={"help": "Synthetic rows per scene (consecutive rows share one image)."}
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache for the synthetic data."})
 
     def loader_kwargs(self) -> dict[str, Any]:
@@ -125,6 +128,7 @@ class DataArguments:
             "image_size": self.synthetic_image_size,
             "difficulty": difficulty,
             "seed": self.synthetic_seed,
+            "expressions_per_image": self.synthetic_expressions_per_image,
             "cache_dir": self.cache_dir,
         }
 
