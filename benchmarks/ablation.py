@@ -87,6 +87,7 @@ def build_recipe(args: argparse.Namespace, variant: str):
     return DemoRecipe(
         image_size=args.image_size, difficulty=args.difficulty, num_train=args.num_train, num_test=args.num_test,
         max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        expressions_per_image=1,  # the study's scenes carry one expression each
         warmup_steps=min(30, max(1, args.max_steps // 10)), uncertainty_warmup_steps=max(1, args.max_steps // 15),
         model_overrides=overrides,
     )

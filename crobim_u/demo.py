@@ -72,15 +72,19 @@ class DemoRecipe:
     # time; at "easy" (larger objects, fewer of them, fewer relational expressions) it reads the expressions
     # clearly beyond it. The ablation study uses "easy" for the same reason (BENCHMARKS.md).
     difficulty: str = "easy"
-    # The demo's 15,200 training samples see each of 12,000 scenes about 1.3 times; with 6,000 scenes (2.5 times
-    # each) the model scored 6 points of mIoU higher on training scenes than on test scenes.
-    num_train: int = 12000
+    # Training expressions, two per scene (`expressions_per_image`): 8,000 scenes, each seen about 1.1 times by the
+    # 2,250 steps of 4 scenes. With one expression per scene, 6,000 scenes seen 2.5 times each left the model 6 points
+    # of mIoU higher on training scenes than on test scenes.
+    num_train: int = 16000
     num_test: int = 300
-    # About 11-12 minutes of training on the shared 2-core CPU, so that the whole demo stays under 15 (README).
-    # Batch 8 learns more per second than batch 16: its step takes about 40% of the time of a batch-16 step, and at
-    # equal samples seen it reaches a lower loss; batch 4 fell behind (BENCHMARKS.md).
-    max_steps: int = 1900
-    batch_size: int = 8
+    # About 11-13 minutes of training on the shared 2-core CPU, whose speed varies with its load, so that the whole
+    # demo stays under 15 (README). Batch 8 learns more per second than batch 16: its step takes about 40% of the time
+    # of a batch-16 step, and at equal samples seen it reaches a lower loss; batch 4 fell behind (BENCHMARKS.md).
+    max_steps: int = 2250
+    batch_size: int = 8  # expressions per step
+    # Expressions per training scene, read in one step: the image encoder runs once per scene, which makes a step
+    # about 12% cheaper and buys the steps above (BENCHMARKS.md, "Two expressions per scene").
+    expressions_per_image: int = 2
     learning_rate: float = 1e-3
     warmup_steps: int = 60
     weight_decay: float = 0.01
@@ -189,15 +193,31 @@ def preprocess(
     chunk_size: int = 256,
     progress: bool = True,
     frozen_text_encoder: torch.nn.Module | None = None,
+    expressions_per_image: int = 1,
 ) -> _TensorDataset:
     """
     Runs the processor over the split once, so that training reads tensors instead of decoding JPEGs at every step.
     Images are kept as float16 (halving the memory; the model computes in float32) and masks as uint8. With a
     `frozen_text_encoder`, its hidden states replace the token ids (the model's `text_hidden_states` input), so that
     no training step runs it again.
+
+    Each item is a scene: its image (`pixel_values` `(3, H, W)`) and its `expressions_per_image` expressions (the
+    other columns, `(K, ...)`), from that many consecutive rows with one `image_id`; `_collate` pairs them with
+    `image_indices`.
     """
+    per_scene = expressions_per_image
+    image_ids = dataset["image_id"]
+    if len(image_ids) % per_scene:
+        raise ValueError(f"{len(image_ids)} rows do not split into scenes of {per_scene} expressions.")
+    for row, image_id in enumerate(image_ids):
+        if image_id != image_ids[row - row % per_scene]:
+            raise ValueError(
+                f"Row {row} has image_id {image_id!r}, expected {image_ids[row - row % per_scene]!r}: each scene's "
+                f"{per_scene} rows must be consecutive."
+            )
     collate = CrobimUDataCollator(processor)
     parts = []
+    encoded: dict[str, torch.Tensor] = {}  # expression -> hidden states of its tokens; expressions repeat a lot
     for start in tqdm(range(0, len(dataset), chunk_size), desc="preprocess", unit="chunk", disable=not progress):
         rows = dataset.select(range(start, min(start + chunk_size, len(dataset))))
         batch = collate(list(rows.select_columns(["image", "mask", "expression"])))
@@ -205,9 +225,9 @@ def preprocess(
         batch["labels"] = batch["labels"].to(torch.uint8)
         if frozen_text_encoder is not None:
             text = {key: batch.pop(key) for key in ("input_ids", "token_type_ids") if key in batch}
-            with torch.no_grad():
-                outputs = frozen_text_encoder(**text, attention_mask=batch["attention_mask"])
-            batch["text_hidden_states"] = outputs.last_hidden_state
+            batch["text_hidden_states"] = _encode_once(
+                frozen_text_encoder, rows["expression"], text, batch["attention_mask"], encoded
+            )
         parts.append(batch)
     # Pad every chunk's tokens to one length so that any batch stacks.
     length = max(part["attention_mask"].shape[1] for part in parts)
@@ -218,13 +238,47 @@ def preprocess(
             pad = processor.tokenizer.pad_token_id if name == "input_ids" else 0
             widths = (0, 0) if name == "text_hidden_states" else ()
             tensors = [torch.nn.functional.pad(t, (*widths, 0, length - t.shape[1]), value=pad) for t in tensors]
-        columns[name] = torch.cat(tensors)
+        stacked = torch.cat(tensors)  # one row per expression; a scene's image is in each of its rows
+        columns[name] = stacked[::per_scene] if name == "pixel_values" else stacked.unflatten(0, (-1, per_scene))
     return _TensorDataset(columns)
 
 
-def _collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    batch = default_data_collator(rows)
+@torch.no_grad()
+def _encode_once(
+    encoder: torch.nn.Module,
+    expressions: list[str],
+    text: dict[str, torch.Tensor],
+    attention_mask: torch.Tensor,
+    encoded: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """
+    Hidden states `(B, L, D)` of a chunk's tokenized expressions, running the encoder only on those not in `encoded`
+    (which it extends). Padded positions hold zeros: the model reads them through the attention mask only.
+    """
+    first_rows = {}
+    for row, expression in enumerate(expressions):
+        first_rows.setdefault(expression, row)
+    new_rows = [row for expression, row in first_rows.items() if expression not in encoded]
+    if new_rows:
+        new_text = {key: value[new_rows] for key, value in text.items()}
+        hidden = encoder(**new_text, attention_mask=attention_mask[new_rows])
+        for row, states in zip(new_rows, hidden.last_hidden_state):
+            encoded[expressions[row]] = states[: int(attention_mask[row].sum())]
+    length = attention_mask.shape[1]
+    return torch.stack([
+        torch.nn.functional.pad(encoded[expression], (0, 0, 0, length - len(encoded[expression])))
+        for expression in expressions
+    ])
+
+
+def _collate(scenes: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Scenes of `preprocess` into a batch of expressions, with `image_indices` where a scene has several."""
+    batch = default_data_collator(scenes)
+    per_scene = batch["labels"].shape[1]
+    batch = {name: value if name == "pixel_values" else value.flatten(0, 1) for name, value in batch.items()}
     batch["pixel_values"] = batch["pixel_values"].to(torch.float32, memory_format=torch.channels_last)
+    if per_scene > 1:
+        batch["image_indices"] = torch.arange(len(scenes)).repeat_interleave(per_scene)
     return batch
 
 
@@ -288,7 +342,9 @@ def train_on_synthetic(
 
     Args:
         recipe ([`DemoRecipe`]): Model and training settings.
-        train_split (`datasets.Dataset`): Synthetic records (`image`, `mask`, `expression`).
+        train_split (`datasets.Dataset`):
+            Synthetic records (`image`, `mask`, `expression`, `image_id`), `recipe.expressions_per_image` consecutive
+            rows per scene (`load_synthetic(expressions_per_image=...)`).
         output_dir (`str`): The Trainer's output folder (nothing is saved there during training).
         seed (`int`): Seed of the initialisation and of the batch order.
         text_encoder (`str`): `auto` (MiniLM where installed, else `scratch`), `minilm` or `scratch`.
@@ -299,6 +355,11 @@ def train_on_synthetic(
     """
     if text_encoder not in TEXT_ENCODERS:
         raise ValueError(f"text_encoder must be one of {TEXT_ENCODERS}, got {text_encoder!r}.")
+    if recipe.batch_size % recipe.expressions_per_image:
+        raise ValueError(
+            f"batch_size ({recipe.batch_size}) must be a multiple of expressions_per_image "
+            f"({recipe.expressions_per_image}): a step reads whole scenes."
+        )
     torch.manual_seed(seed)
     model, tokenizer, init = build_model_and_tokenizer(recipe, text_encoder)
     side = recipe.image_size
@@ -306,13 +367,14 @@ def train_on_synthetic(
         CrobimUImageProcessor(size={"height": side, "width": side}), tokenizer, max_length=recipe.max_length
     )
     train_dataset = preprocess(
-        train_split, processor, progress=progress, frozen_text_encoder=frozen_text_encoder(model)
+        train_split, processor, progress=progress, frozen_text_encoder=frozen_text_encoder(model),
+        expressions_per_image=recipe.expressions_per_image,
     )
 
     args = CrobimUTrainingArguments(
         output_dir=output_dir,
         max_steps=recipe.max_steps,
-        per_device_train_batch_size=recipe.batch_size,
+        per_device_train_batch_size=recipe.batch_size // recipe.expressions_per_image,  # scenes
         learning_rate=recipe.learning_rate,
         weight_decay=recipe.weight_decay,
         warmup_steps=recipe.warmup_steps,
@@ -330,7 +392,7 @@ def train_on_synthetic(
     trainer = CrobimUTrainer(
         model=model, args=args, train_dataset=train_dataset, data_collator=_collate, processing_class=processor,
         model_card_info=ModelCardInfo(
-            dataset="synthetic", splits={"test": "test"}, num_train_samples=len(train_dataset), init=init,
+            dataset="synthetic", splits={"test": "test"}, num_train_samples=len(train_split), init=init,
             image_size=side, max_length=recipe.max_length, extra={"demo recipe": json.dumps(asdict(recipe))},
         ),
     )
@@ -396,15 +458,16 @@ def run_demo(
     recipe = recipe or (QUICK_RECIPE if quick else DemoRecipe())
     started = time.time()
 
-    # Generate first: the generator and the training would only compete for the same cores.
-    data = load_synthetic(
-        num_train=recipe.num_train, num_validation=0, num_test=recipe.num_test, image_size=recipe.image_size,
-        difficulty=recipe.difficulty, seed=seed,
-    )
-    test = data["test"]
+    # Generate first: the generator and the training would only compete for the same cores. Training scenes carry
+    # several expressions each; test scenes one, so that every test sample is a scene of its own.
+    common = dict(num_validation=0, image_size=recipe.image_size, difficulty=recipe.difficulty, seed=seed)
+    train = load_synthetic(
+        num_train=recipe.num_train, num_test=0, expressions_per_image=recipe.expressions_per_image, **common
+    )["train"]
+    test = load_synthetic(num_train=0, num_test=recipe.num_test, **common)["test"]
     with_distractor = test.filter(lambda flag: flag, input_columns="has_distractor")
 
-    model, processor, trainer = train_on_synthetic(recipe, data["train"], output_dir, seed, text_encoder, progress)
+    model, processor, trainer = train_on_synthetic(recipe, train, output_dir, seed, text_encoder, progress)
     scores = score_with_distractor_subset(model, processor, test, recipe.eval_batch_size, progress=progress)
     metrics = {
         **_pick(scores),

@@ -175,9 +175,10 @@ def test_demo_variants_script_trains_and_scores_a_variant(tmp_path):
     output = tmp_path / "variants.json"
     run_script(
         "demo_variants.py", "--variants", "swin, stride 4", "--max-steps", "2", "--num-train", "16", "--num-test", "8",
-        "--output", str(output), timeout=300,
+        "--expressions-per-image", "2", "--output", str(output), timeout=300,
     )
     results = json.loads(output.read_text())
+    assert results["args"]["expressions_per_image"] == 2
     (row,) = results["results"]
     assert row["variant"] == "swin, stride 4"
     assert 0.0 <= row["mIoU"] <= 1.0 and 0.0 <= row["with_distractor_mIoU"] <= 1.0
@@ -188,8 +189,11 @@ def test_demo_step_script_times_both_layouts_and_checks_they_agree(tmp_path):
     output = tmp_path / "demo_step.json"
     stdout = run_script("demo_step.py", "--quick", "--threads", "1", "--output", str(output), timeout=300)
     results = json.loads(output.read_text())
-    assert set(results["step_seconds"]) == {"standard", "channels_last"}
+    assert set(results["step_seconds"]) == {"standard", "channels_last", "channels_last, shared images"}
     assert all(len(case["samples"]) == 2 and case["min"] > 0 for case in results["step_seconds"].values())
     assert results["channels_last_over_standard"]["of_medians"] > 0
+    assert results["shared_over_channels_last"]["of_medians"] > 0
+    assert results["expressions_per_image"] == 2
     assert results["max_logit_difference"] < 1e-4
-    assert "channels-last / standard" in stdout
+    assert results["max_shared_logit_difference"] < 1e-4
+    assert "channels-last / standard" in stdout and "shared images / channels-last" in stdout

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -148,11 +149,84 @@ def test_preprocess_stores_a_frozen_text_encoder_s_features_in_place_of_token_id
     plain = demo.preprocess(rows, processor, chunk_size=4, progress=False)
     cached = demo.preprocess(rows, processor, chunk_size=4, progress=False, frozen_text_encoder=model.text_encoder)
     assert "input_ids" not in cached.columns
-    length = plain.columns["input_ids"].shape[1]
-    assert cached.columns["text_hidden_states"].shape == (6, length, model.config.text_config.hidden_size)
+    length = plain.columns["input_ids"].shape[-1]
+    assert cached.columns["text_hidden_states"].shape == (6, 1, length, model.config.text_config.hidden_size)
     torch.testing.assert_close(cached.columns["attention_mask"], plain.columns["attention_mask"])
     with torch.no_grad():
         expected = model(**demo._collate([plain[i] for i in range(6)]))
         got = model(**demo._collate([cached[i] for i in range(6)]))
     torch.testing.assert_close(got.logits, expected.logits)
     torch.testing.assert_close(got.loss, expected.loss)
+
+
+def test_scenes_with_several_expressions_share_one_image_encoding():
+    from crobim_u import CrobimUImageProcessor, CrobimUProcessor
+    from crobim_u.data.synthetic import load_synthetic
+
+    model, tokenizer, _ = demo.build_model_and_tokenizer(demo.QUICK_RECIPE, "scratch")
+    model.eval()
+    processor = CrobimUProcessor(CrobimUImageProcessor(size={"height": 64, "width": 64}), tokenizer, max_length=20)
+    rows = load_synthetic(num_train=6, num_validation=0, num_test=0, image_size=64, seed=0, expressions_per_image=2)
+    rows = rows["train"]
+    scenes = demo.preprocess(rows, processor, chunk_size=4, progress=False, expressions_per_image=2)
+    alone = demo.preprocess(rows, processor, chunk_size=4, progress=False)  # the same rows, one per item
+    assert len(scenes) == 3 and len(alone) == 6
+    assert scenes.columns["pixel_values"].shape == (3, 3, 64, 64)
+    assert scenes.columns["labels"].shape == (3, 2, 64, 64)
+    grouped = demo._collate([scenes[i] for i in range(3)])
+    assert grouped["image_indices"].tolist() == [0, 0, 1, 1, 2, 2]
+    separate = demo._collate([alone[i] for i in range(6)])
+    assert "image_indices" not in separate
+    for name in ("labels", "input_ids", "attention_mask"):
+        torch.testing.assert_close(grouped[name], separate[name])
+    with torch.no_grad():
+        expected = model(**separate)
+        got = model(**grouped)
+    torch.testing.assert_close(got.logits, expected.logits)
+    torch.testing.assert_close(got.loss, expected.loss)
+
+
+def test_preprocess_rejects_rows_that_do_not_form_scenes():
+    from crobim_u import CrobimUImageProcessor, CrobimUProcessor
+    from crobim_u.data.synthetic import load_synthetic
+
+    _, tokenizer, _ = demo.build_model_and_tokenizer(demo.QUICK_RECIPE, "scratch")
+    processor = CrobimUProcessor(CrobimUImageProcessor(size={"height": 64, "width": 64}), tokenizer, max_length=20)
+    rows = load_synthetic(num_train=4, num_validation=0, num_test=0, image_size=64, seed=0)["train"]
+    with pytest.raises(ValueError, match="Row 1 has image_id 'synthetic-medium-0-train-000001'"):
+        demo.preprocess(rows, processor, progress=False, expressions_per_image=2)
+    with pytest.raises(ValueError, match="4 rows do not split into scenes of 3"):
+        demo.preprocess(rows, processor, progress=False, expressions_per_image=3)
+    recipe = dataclasses.replace(demo.QUICK_RECIPE, batch_size=3, expressions_per_image=2)
+    with pytest.raises(ValueError, match=r"batch_size \(3\) must be a multiple of expressions_per_image \(2\)"):
+        demo.train_on_synthetic(recipe, rows, "unused", text_encoder="scratch", progress=False)
+
+
+def test_frozen_text_features_are_computed_once_per_distinct_expression():
+    from crobim_u import CrobimUImageProcessor, CrobimUProcessor
+
+    model, tokenizer, _ = demo.build_model_and_tokenizer(demo.QUICK_RECIPE, "scratch")
+    model.eval()
+    processor = CrobimUProcessor(CrobimUImageProcessor(size={"height": 64, "width": 64}), tokenizer, max_length=20)
+    expressions = ["the red car", "the leftmost building", "the red car", "the tree", "the leftmost building"]
+    text = dict(processor.tokenizer(expressions, padding=True, return_tensors="pt"))
+    attention_mask = text.pop("attention_mask")
+    calls = []
+    encoder = model.text_encoder
+    hook = encoder.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    encoded = {}
+    try:
+        got = demo._encode_once(encoder, expressions, text, attention_mask, encoded)
+        first_two = {key: value[:2] for key, value in text.items()}
+        again = demo._encode_once(encoder, expressions[:2], first_two, attention_mask[:2], encoded)
+    finally:
+        hook.remove()
+    assert calls == [3]  # three distinct expressions, then nothing new
+    with torch.no_grad():
+        expected = encoder(**text, attention_mask=attention_mask).last_hidden_state
+    real = attention_mask.bool()
+    torch.testing.assert_close(got[real], expected[real])
+    assert torch.all(got[~real] == 0)
+    torch.testing.assert_close(again, got[:2])
