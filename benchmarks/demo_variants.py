@@ -20,8 +20,13 @@ from typing import Any
 
 import torch
 
-from crobim_u.data.synthetic import load_synthetic
-from crobim_u.demo import DEMO_MODEL_OVERRIDES, DemoRecipe, score_with_distractor_subset, train_on_synthetic
+from crobim_u.demo import (
+    DEMO_MODEL_OVERRIDES,
+    DemoRecipe,
+    load_demo_splits,
+    score_with_distractor_subset,
+    train_on_synthetic,
+)
 from crobim_u.inference.evaluation import evaluate_reference_masks
 
 
@@ -102,14 +107,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    recipe = DemoRecipe()
-    common = dict(num_validation=0, image_size=recipe.image_size, difficulty=args.difficulty, seed=0)
-    data = {  # test scenes carry one expression each, as in the demo
-        "train": load_synthetic(
-            num_train=args.num_train, num_test=0, expressions_per_image=args.expressions_per_image, **common
-        )["train"],
-        "test": load_synthetic(num_train=0, num_test=args.num_test, **common)["test"],
-    }
+    data_recipe = DemoRecipe(
+        difficulty=args.difficulty, num_train=args.num_train, num_test=args.num_test,
+        expressions_per_image=args.expressions_per_image,
+    )
+    train, test = load_demo_splits(data_recipe, seed=0)
+    data = {"train": train, "test": test}
     class_only = evaluate_reference_masks(data["test"], "class_mask")
     with_distractor = data["test"].filter(lambda flag: flag, input_columns="has_distractor")
     class_only_distractor = evaluate_reference_masks(with_distractor, "class_mask")

@@ -430,6 +430,19 @@ def score_with_distractor_subset(
     return {**everything, "with_distractor": distractor_metric.compute()}
 
 
+def load_demo_splits(recipe: DemoRecipe, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """
+    The synthetic training and test splits of a recipe. Training scenes carry `recipe.expressions_per_image`
+    expressions each (consecutive rows), test scenes one, so that every test sample is a scene of its own.
+    """
+    common = dict(num_validation=0, image_size=recipe.image_size, difficulty=recipe.difficulty, seed=seed)
+    train = load_synthetic(
+        num_train=recipe.num_train, num_test=0, expressions_per_image=recipe.expressions_per_image, **common
+    )["train"]
+    test = load_synthetic(num_train=0, num_test=recipe.num_test, **common)["test"]
+    return train, test
+
+
 def run_demo(
     output_dir: str = "outputs/demo",
     seed: int = 0,
@@ -458,13 +471,8 @@ def run_demo(
     recipe = recipe or (QUICK_RECIPE if quick else DemoRecipe())
     started = time.time()
 
-    # Generate first: the generator and the training would only compete for the same cores. Training scenes carry
-    # several expressions each; test scenes one, so that every test sample is a scene of its own.
-    common = dict(num_validation=0, image_size=recipe.image_size, difficulty=recipe.difficulty, seed=seed)
-    train = load_synthetic(
-        num_train=recipe.num_train, num_test=0, expressions_per_image=recipe.expressions_per_image, **common
-    )["train"]
-    test = load_synthetic(num_train=0, num_test=recipe.num_test, **common)["test"]
+    # Generate first: the generator and the training would only compete for the same cores.
+    train, test = load_demo_splits(recipe, seed)
     with_distractor = test.filter(lambda flag: flag, input_columns="has_distractor")
 
     model, processor, trainer = train_on_synthetic(recipe, train, output_dir, seed, text_encoder, progress)
@@ -532,6 +540,7 @@ __all__ = [
     "add_demo_parser",
     "build_model_and_tokenizer",
     "frozen_text_encoder",
+    "load_demo_splits",
     "run_demo",
     "score_with_distractor_subset",
     "train_on_synthetic",

@@ -136,7 +136,7 @@ class _SelectImages(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (indices,) = ctx.saved_tensors
         layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        grad_images = torch.zeros(ctx.shape, dtype=grad.dtype, device=grad.device).contiguous(memory_format=layout)
+        grad_images = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=layout).zero_()
         return grad_images.index_add_(0, indices, grad), None
 
 
