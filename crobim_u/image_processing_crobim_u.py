@@ -411,7 +411,13 @@ class CrobimUImageProcessor(PilBackend):
                         f"{image.height}x{image.width}; a mask must match its image."
                     )
             data["labels"] = self._preprocess_masks(masks, kwargs["do_resize"], kwargs["size"])
-        return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=["original_sizes"])
+        features = BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=["original_sizes"])
+        if isinstance(features["pixel_values"], torch.Tensor):
+            # The conversion shares numpy's buffer, whose address (16-byte aligned) varies from call to call and from
+            # process to process; a copy in torch's allocator is 64-byte aligned, so the model's first kernels see the
+            # same memory layout in every process.
+            features["pixel_values"] = features["pixel_values"].clone()
+        return features
 
     def _preprocess(
         self,

@@ -7,6 +7,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pathlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,6 +27,33 @@ REAL_DATA = pathlib.Path(
 REAL_800 = REAL_DATA / "geochat" / "demo_images" / "04133.png"  # 800x800
 REAL_1111 = REAL_DATA / "dota-devkit" / "example" / "images" / "P0706.png"  # 1111 wide, 1182 high
 needs_real_data = pytest.mark.skipif(not REAL_800.exists(), reason=f"real test images not found under {REAL_DATA}")
+
+
+# Bit equality is asserted where it is the point: the same process, the same code path (reload, determinism, a shared
+# image against its copies). Floats computed in another process (a child without the package, a killed job resumed)
+# may differ in their last bits: hosts differ (Intel, AMD), and BLAS kernels may pick a blocking by memory alignment.
+# Those are compared to CROSS_PROCESS_STEPS float32 steps of max(|value|, 1): far below what a wrong path gives (another
+# resize, dtype or order of operations differs by 1e-4 or more).
+CROSS_PROCESS_STEPS = 16
+CROSS_PROCESS_ATOL = CROSS_PROCESS_STEPS * float(np.finfo(np.float32).eps)
+
+
+def assert_close_across_processes(actual, expected) -> None:
+    """Floats from two processes agree to `CROSS_PROCESS_STEPS` float32 steps (relative above 1, absolute below)."""
+    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    np.testing.assert_allclose(actual, expected, rtol=CROSS_PROCESS_ATOL, atol=CROSS_PROCESS_ATOL)
+
+
+def assert_masks_equal_away_from_threshold(actual, expected, probabilities, threshold: float = 0.5) -> None:
+    """
+    Thresholded masks from two processes are equal wherever the probability lies more than the cross-process tolerance
+    from the threshold (a pixel within a float32 step of it may fall either way); returns nothing, asserts.
+    """
+    actual, expected = np.asarray(actual).astype(bool), np.asarray(expected).astype(bool)
+    clear = np.abs(np.asarray(probabilities, dtype=np.float64) - threshold) > CROSS_PROCESS_ATOL
+    assert clear.mean() > 0.99, "almost every probability sits at the threshold: the comparison would mean nothing"
+    np.testing.assert_array_equal(actual[clear], expected[clear])
 
 
 def tiny_config(**overrides) -> CrobimUConfig:

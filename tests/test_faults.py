@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from conftest import assert_close_across_processes
 from test_predict import save_checkpoint
 from test_processing import random_image
 from transformers.trainer_utils import get_last_checkpoint
@@ -260,11 +261,18 @@ def test_predict_killed_while_writing_resumes_and_skips_what_is_done(tmp_path, m
         if any(path.name.startswith(Path(done).stem + "_") for done in done_before):
             assert path.stat().st_mtime_ns == mtime, f"{path.name} of a finished input was written again"
 
-    # The resumed folder holds what an uninterrupted run writes.
+    # The resumed folder holds what an uninterrupted run writes. The records done before the kill came from another
+    # process, whose floats may differ in their last bits (conftest): an 8-bit picture made from them may differ by
+    # one level where a value sits on a rounding edge; masks and areas are exact (no probability lies within a float32
+    # step of the threshold here).
     clean = tmp_path / "clean"
     assert cli_main([*flags[:4], str(clean), *flags[5:]]) == 0
     for record, expected in zip(records, map(json.loads, (clean / RESULTS_FILE).read_text().splitlines())):
-        for field in ("mask", "uncertainty", "overlay"):
+        with Image.open(record["mask"]) as image, Image.open(expected["mask"]) as expected_image:
+            np.testing.assert_array_equal(np.asarray(image), np.asarray(expected_image))
+        for field in ("uncertainty", "overlay"):
             with Image.open(record[field]) as image, Image.open(expected[field]) as expected_image:
-                np.testing.assert_array_equal(np.asarray(image), np.asarray(expected_image))
-        assert record["score"] == expected["score"] and record["mask_area"] == expected["mask_area"]
+                difference = np.abs(np.asarray(image, np.int16) - np.asarray(expected_image, np.int16))
+                assert difference.max() <= 1, (field, record["input"])
+        assert_close_across_processes(record["score"], expected["score"])
+        assert record["mask_area"] == expected["mask_area"]
