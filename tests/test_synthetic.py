@@ -9,6 +9,8 @@ import pytest
 from crobim_u.data import synthetic
 from crobim_u.data.synthetic import (
     CLASSES,
+    FAMILIES,
+    RELATIONS,
     _Describer,
     _Object,
     generate_sample,
@@ -226,3 +228,37 @@ def test_expressions_identify_one_object():
     expressions = expressions_of(left, [left, near, building])
     assert not expressions & {"the leftmost car", "the car left of the building", "the car on the left"}
     assert not any(e.startswith(("the large", "the big", "the small")) for e in expressions)  # equal sizes
+
+
+def test_records_name_their_template_family_and_relational_references(samples):
+    for sample in samples:
+        assert sample["family"] in FAMILIES
+        mask, reference = np.asarray(sample["mask"]), np.asarray(sample["reference_mask"])
+        assert reference.shape == mask.shape and set(np.unique(reference)) <= {0, 1}
+        if sample["family"] == "relation":
+            assert reference.any() and not (reference & mask).any()  # the named object is another object
+        else:
+            assert not reference.any()
+    counts = {family: sum(sample["family"] == family for sample in samples) for family in FAMILIES}
+    assert all(counts.values()), counts  # medium scenes draw every family
+
+
+def test_families_keep_only_the_chosen_template_families(tmp_path):
+    splits = load_synthetic(
+        num_train=12, num_validation=0, num_test=12, image_size=128, difficulty="easy", seed=2,
+        cache_dir=str(tmp_path), families=("relation", "size"), expressions_per_image=2,
+    )
+    for split in ("train", "test"):
+        assert set(splits[split]["family"]) <= {"relation", "size"}
+        assert "relation" in splits[split]["family"]
+    for expression, family in zip(splits["test"]["expression"], splits["test"]["family"]):
+        words = expression.split()
+        if family == "size":
+            assert {"largest", "biggest", "smallest", "large", "big", "small"} & set(words), expression
+        else:
+            assert any(phrase in expression for phrases in RELATIONS.values() for phrase in phrases), expression
+    # Without a filter the streams are unchanged: the same scenes as before families existed.
+    scene = generate_scene(5, 128, "easy")[0]
+    assert scene["expression"] == generate_sample(5, 128, "easy")["expression"]
+    with pytest.raises(ValueError, match="families must be a non-empty selection of"):
+        load_synthetic(num_train=2, families=("relations",))

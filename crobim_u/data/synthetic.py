@@ -49,7 +49,10 @@ Difficulty is "easy" (0.0), "medium" (0.5, default), "hard" (1.0) or a float in 
 | colour jitter / sensor noise (std, 0-255)         | 8/3  | 14/7   | 22/12 |
 
 Each record also holds `class_mask`, the union of every object of the referred class: the answer of a
-model that reads the class name only, which a referring model must beat where `has_distractor` is set.
+model that reads the class name only, which a referring model must beat where `has_distractor` is set;
+`family`, the template family of its expression (class, attribute, size, extreme, region, relation), so that
+a model can be scored per family; and `reference_mask`, the object a relational expression names (empty for
+the other families).
 """
 
 from __future__ import annotations
@@ -143,8 +146,12 @@ FEATURES = datasets.Features(  # the canonical record, then the extras of this d
         "category": datasets.Value("string"),
         "class_mask": datasets.Image(),
         "has_distractor": datasets.Value("bool"),
+        "family": datasets.Value("string"),
+        "reference_mask": datasets.Image(),
     }
 )
+# Template families, as `family` names them; `load_synthetic(families=...)` keeps some of them only.
+FAMILIES = ("class", "attribute", "size", "extreme", "region", "relation")
 _GROUNDS = ((96, 118, 70), (140, 128, 96), (118, 116, 104))  # grass, dry soil, urban
 
 
@@ -644,6 +651,7 @@ class _Describer:
         self.landmarks = [landmarks[i] for i in np.sort(rng.permutation(len(landmarks))[:10])]
         self.references: dict[int, list[str] | None] = {}
         self.distances: dict[tuple[int, str], dict[int, float]] = {}
+        self.reference_of: dict[tuple[str, ...], int] = {}  # relational expression -> its reference object's label
 
     def options(self, target: _Object, relations: bool = True) -> dict[str, list[list[str]]]:
         same = [o for o in self.objects if o.category == target.category]
@@ -671,7 +679,9 @@ class _Describer:
                     reference = self.reference(ref)
                     if reference:
                         phrase = self.pick(RELATIONS[relation]).split()
-                        found.setdefault("relation", []).append(["the", *head, *phrase, *reference])
+                        words = ["the", *head, *phrase, *reference]
+                        found.setdefault("relation", []).append(words)
+                        self.reference_of[tuple(words)] = ref.label
         return found
 
     def relations(self, target: _Object, others: list[_Object], same: list[_Object], ref: _Object) -> list[str]:
@@ -713,8 +723,19 @@ class _Describer:
         return synonyms[self.rng.integers(len(synonyms))]
 
 
-def _choose(canvas: _Canvas) -> tuple[_Object, str] | None:
-    """Picks a target (from a class with a distractor in the set share of samples) and one of its expressions."""
+@dataclass
+class _Choice:
+    target: _Object
+    expression: str
+    family: str
+    reference: int | None  # label of the object a relational expression names, else None
+
+
+def _choose(canvas: _Canvas, families: tuple[str, ...] | None = None) -> _Choice | None:
+    """
+    Picks a target (from a class with a distractor in the set share of samples) and one of its expressions, from the
+    template `families` only where given.
+    """
     rng, knobs = canvas.rng, canvas.knobs
     describer = _Describer(canvas.objects, canvas.size, rng)
     counts: dict[str, int] = {}
@@ -732,11 +753,15 @@ def _choose(canvas: _Canvas) -> tuple[_Object, str] | None:
         preference = np.array([o.area ** (-knobs.small_target_bias / 2) / counts[o.category] for o in pool])
         for i in rng.choice(len(pool), size=min(len(pool), 8), replace=False, p=preference / preference.sum()):
             options = describer.options(pool[i])
+            if families is not None:
+                options = {family: phrases for family, phrases in options.items() if family in families}
             if options:
-                families = sorted(options)
-                p = np.array([weights[f] for f in families])
-                family = families[rng.choice(len(families), p=p / p.sum())]
-                return pool[i], " ".join(options[family][rng.integers(len(options[family]))])
+                names = sorted(options)
+                p = np.array([weights[f] for f in names])
+                family = names[rng.choice(len(names), p=p / p.sum())]
+                words = options[family][rng.integers(len(options[family]))]
+                reference = describer.reference_of.get(tuple(words)) if family == "relation" else None
+                return _Choice(pool[i], " ".join(words), family, reference)
     return None
 
 
@@ -745,6 +770,7 @@ def generate_scene(
     image_size: int = 256,
     difficulty: str | float = "medium",
     num_expressions: int = 1,
+    families: tuple[str, ...] | None = None,
 ) -> list[dict]:
     """
     Draws one overhead scene and `num_expressions` referring expressions, each identifying exactly one object in it.
@@ -763,15 +789,20 @@ def generate_scene(
             `"easy"`, `"medium"`, `"hard"` or a float in [0, 1] (see the module docstring).
         num_expressions (`int`, *optional*, defaults to 1):
             Expressions about the scene.
+        families (`tuple[str]`, *optional*):
+            Template families to draw from (of `FAMILIES`); by default all. A scene with no expression of these
+            families is redrawn.
 
     Returns:
         `list[dict]`, one per expression, each with `image` (PIL RGB, one object shared by all), `mask` (PIL "L",
         0/1: the referred object), `class_mask` (PIL "L", 0/1: every object of the referred class), `expression`
-        (`str`), `category` (`str`) and `has_distractor` (`bool`: another object of the referred class is
-        visible). `load_synthetic` adds `image_id` and `split`.
+        (`str`), `category` (`str`), `has_distractor` (`bool`: another object of the referred class is visible),
+        `family` (`str`, the template family) and `reference_mask` (PIL "L", 0/1: the object a relational expression
+        names, empty for the other families). `load_synthetic` adds `image_id` and `split`.
     """
     if not isinstance(num_expressions, int) or num_expressions < 1:
         raise ValueError(f"num_expressions must be a positive int, got {num_expressions!r}.")
+    families = _check_families(families)
     knobs = _Knobs.at(difficulty, image_size)
     rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
     chosen = None
@@ -779,25 +810,39 @@ def generate_scene(
         canvas = _Canvas(rng, image_size, knobs)
         canvas.compose()
         image = canvas.finish()
-        chosen = _choose(canvas)
-    picks = {(chosen[0].label, chosen[1]): chosen}
+        chosen = _choose(canvas, families)
+    picks = {(chosen.target.label, chosen.expression): chosen}
     for _ in range(4 * (num_expressions - 1)):  # a bounded search: small scenes have few distinct expressions
         if len(picks) == num_expressions:
             break
-        another = _choose(canvas)
-        picks.setdefault((another[0].label, another[1]), another)
+        another = _choose(canvas, families)
+        if another is not None:
+            picks.setdefault((another.target.label, another.expression), another)
     samples = []
-    for target, expression in itertools.islice(itertools.cycle(picks.values()), num_expressions):
+    for choice in itertools.islice(itertools.cycle(picks.values()), num_expressions):
+        target = choice.target
         same = [o.label for o in canvas.objects if o.category == target.category and o.area > 0]
         samples.append({
             "image": image,
             "mask": canvas.labels.point([int(v == target.label) for v in range(256)]),
             "class_mask": canvas.labels.point([int(v in same) for v in range(256)]),
-            "expression": expression,
+            "expression": choice.expression,
             "category": target.category,
             "has_distractor": len(same) > 1,
+            "family": choice.family,
+            "reference_mask": canvas.labels.point([int(v == choice.reference) for v in range(256)]),
         })
     return samples
+
+
+def _check_families(families: tuple[str, ...] | list[str] | None) -> tuple[str, ...] | None:
+    if families is None:
+        return None
+    families = (families,) if isinstance(families, str) else tuple(families)
+    unknown = [family for family in families if family not in FAMILIES]
+    if unknown or not families:
+        raise ValueError(f"families must be a non-empty selection of {FAMILIES}, got {families!r}.")
+    return families
 
 
 def generate_sample(
@@ -824,19 +869,19 @@ def _encode(image: Image.Image) -> dict:
 
 def _generate_split(
     split: str, scenes: list[tuple[int, int]], image_size: int, difficulty: str | float, seed: int,
-    expressions_per_image: int,
+    expressions_per_image: int, families: tuple[str, ...] | None,
 ):
     for index, rows in scenes:
         # One stream per (seed, split, scene index): splits are disjoint, independent of each other's sizes,
         # and any scene can be regenerated alone.
         rng = np.random.default_rng([seed, SPLITS.index(split), index])
-        samples = generate_scene(rng, image_size, difficulty, expressions_per_image)
+        samples = generate_scene(rng, image_size, difficulty, expressions_per_image, families)
         image = _encode(samples[0]["image"])
         for sample in samples[:rows]:  # the split's last scene may give fewer rows than the others
             yield {
                 **sample,
                 "image": image,
-                **{key: _encode(sample[key]) for key in ("mask", "class_mask")},
+                **{key: _encode(sample[key]) for key in ("mask", "class_mask", "reference_mask")},
                 "image_id": f"synthetic-{difficulty}-{seed}-{split}-{index:06d}",
                 "split": split,
             }
@@ -852,6 +897,7 @@ def load_synthetic(
     cache_dir: str | None = None,
     num_proc: int | None = None,
     expressions_per_image: int = 1,
+    families: tuple[str, ...] | None = None,
 ) -> datasets.DatasetDict:
     """
     Builds the synthetic referring-segmentation benchmark: `train`, `validation` and `test` splits of
@@ -877,6 +923,10 @@ def load_synthetic(
         expressions_per_image (`int`, *optional*, defaults to 1):
             Rows per scene (see `generate_scene`); a split's row count need not be a multiple of it (its last
             scene then gives fewer rows). With 1, row `i` is scene `i`.
+        families (`tuple[str]`, *optional*):
+            Keep expressions of these template families only (of `FAMILIES`: class, attribute, size, extreme, region,
+            relation), e.g. `("relation", "size")` for a split that tests relations and comparisons. Scenes are drawn
+            from the same streams; where a scene has no such expression, the next scene of its stream is drawn.
 
     Returns:
         `datasets.DatasetDict`. The cache is keyed on the arguments and on this file's source, so an edit
@@ -885,13 +935,14 @@ def load_synthetic(
     _Knobs.at(difficulty, image_size)  # fail before any work on bad arguments
     if not isinstance(expressions_per_image, int) or expressions_per_image < 1:
         raise ValueError(f"expressions_per_image must be a positive int, got {expressions_per_image!r}.")
+    families = _check_families(families)
     source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
     splits = {}
     for split, count in zip(SPLITS, (num_train, num_validation, num_test)):
         if count == 0:  # `from_generator` cannot build an empty split
             splits[split] = datasets.Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES, split=split)
             continue
-        key = f"{source}-{split}-{count}-{image_size}-{difficulty}-{seed}-{expressions_per_image}"
+        key = f"{source}-{split}-{count}-{image_size}-{difficulty}-{seed}-{expressions_per_image}-{families}"
         per_scene = expressions_per_image
         splits[split] = datasets.Dataset.from_generator(
             _generate_split,
@@ -904,6 +955,7 @@ def load_synthetic(
                 "difficulty": difficulty,
                 "seed": seed,
                 "expressions_per_image": per_scene,
+                "families": families,
             },
             cache_dir=cache_dir,
             num_proc=num_proc if num_proc is not None else (os.cpu_count() if count >= 500 else None),
