@@ -14,6 +14,7 @@ BACKBONE_STRIDES = (4, 8, 16, 32)
 FOUR_STAGES = ["stage1", "stage2", "stage3", "stage4"]
 # Strides the mask head can work at (below 4 through an image stem, see `mask_stride`).
 MASK_STRIDES = (4, 2, 1)
+POSITION_ENCODINGS = ("sine", "none")
 
 # Named presets. Full-size presets follow the recipe of the field (Swin-B window 12 or ConvNeXt-B, BERT-base,
 # 480x480 inputs); `tiny` keeps tests and the CPU demo fast.
@@ -115,6 +116,17 @@ class CrobimUConfig(PreTrainedConfig):
             across, such as vehicles, are lost at stride 4.
         hidden_dropout (`float`, *optional*, defaults to 0.0):
             Dropout after attention and feed-forward blocks.
+        position_encoding (`str`, *optional*, defaults to `"sine"`):
+            `"sine"`: 2-D sine positions in CAPM's visual context and MID's visual tokens; `"none"`: no positions (a
+            position-blind control for measuring what the positions are worth; not for use).
+        num_pointers (`int`, *optional*, defaults to 0):
+            Spatial pointers at stride 8 (our addition, see [`CrobimUSpatialPointers`]): each picks one place in the
+            image with a softmax over the stride-8 tokens, and every token and mask-head pixel is told its offset
+            and distance to it. With two or more, the first is trained towards the object a relational expression
+            names (where `reference_labels` are given) and the last towards the target. 0 turns them off.
+        pointer_loss_weight (`float`, *optional*, defaults to 0.5):
+            Weight of the pointers' cross-entropy towards the target (and the reference, where given), each pooled
+            to the stride-8 grid.
         use_rus (`bool`, *optional*, defaults to `True`):
             Referring Uncertainty Scorer: one uncertainty logit per stride-32 token.
         use_ugf (`bool`, *optional*, defaults to `True`):
@@ -173,6 +185,9 @@ class CrobimUConfig(PreTrainedConfig):
     mask_head_dim: int = 128
     mask_stride: int = 4
     hidden_dropout: float = 0.0
+    position_encoding: str = "sine"
+    num_pointers: int = 0
+    pointer_loss_weight: float = 0.5
     use_rus: bool = True
     use_ugf: bool = True
     use_udlr: bool = True
@@ -228,9 +243,18 @@ class CrobimUConfig(PreTrainedConfig):
             raise ValueError(f"uncertainty_target must be 'soft' or 'hard', got {self.uncertainty_target!r}.")
         if self.uncertainty_pooling not in ("avg", "max"):
             raise ValueError(f"uncertainty_pooling must be 'avg' or 'max', got {self.uncertainty_pooling!r}.")
+        if self.ugf_gate_scale_init <= 0:
+            raise ValueError(
+                f"ugf_gate_scale_init must be > 0 (the UGF gate's slope is a softplus), got {self.ugf_gate_scale_init}."
+            )
+        if self.position_encoding not in POSITION_ENCODINGS:
+            raise ValueError(f"position_encoding must be one of {POSITION_ENCODINGS}, got {self.position_encoding!r}.")
+        if self.num_pointers < 0:
+            raise ValueError(f"num_pointers must be >= 0, got {self.num_pointers}.")
         if self.udlr_mask_temperature <= 0:
             raise ValueError(f"udlr_mask_temperature must be > 0, got {self.udlr_mask_temperature}.")
-        for name in ("bce_weight", "dice_weight", "coarse_loss_weight", "uncertainty_loss_weight"):
+        weights = ("bce_weight", "dice_weight", "coarse_loss_weight", "uncertainty_loss_weight", "pointer_loss_weight")
+        for name in weights:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.uncertainty_warmup_steps < 0:

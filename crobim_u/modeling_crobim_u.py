@@ -73,6 +73,12 @@ class CrobimUSegmentationOutput(ModelOutput):
             `BCE(U, E)`, unweighted and before the warm-up factor; only with RUS.
         uncertainty_target (`torch.FloatTensor` of shape `(batch_size, 1, height / 32, width / 32)`, *optional*):
             The online error-consistency target `E` that RUS was trained towards.
+        pointer_logits (`torch.FloatTensor` of shape `(batch_size, num_pointers, height / 8, width / 8)`, *optional*):
+            Logits of each spatial pointer over the stride-8 grid (a softmax over the grid gives where it points);
+            `None` when `num_pointers=0`.
+        pointer_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Cross-entropy of the pointers towards the target (and the reference, where `reference_labels` are
+            given), unweighted; only with pointers.
     """
 
     loss: torch.FloatTensor | None = None
@@ -83,6 +89,8 @@ class CrobimUSegmentationOutput(ModelOutput):
     coarse_loss: torch.FloatTensor | None = None
     uncertainty_loss: torch.FloatTensor | None = None
     uncertainty_target: torch.FloatTensor | None = None
+    pointer_logits: torch.FloatTensor | None = None
+    pointer_loss: torch.FloatTensor | None = None
 
 
 def sine_position_encoding(height: int, width: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -102,6 +110,22 @@ def sine_position_encoding(height: int, width: int, dim: int, device: torch.devi
     x = torch.cat([x.sin(), x.cos()], dim=-1)[None, :, :].expand(height, width, 2 * quarter)
     encoding = torch.cat([y, x], dim=-1).reshape(height * width, 4 * quarter)
     return F.pad(encoding, (0, dim - 4 * quarter)).to(dtype)
+
+
+def position_encoding(
+    config: CrobimUConfig, height: int, width: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """The configured position encoding, `(height * width, d_model)`: sine, or zeros for the position-blind control."""
+    if config.position_encoding == "none":
+        return torch.zeros(height * width, config.d_model, device=device, dtype=dtype)
+    return sine_position_encoding(height, width, config.d_model, device, dtype)
+
+
+def cell_centres(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`(height * width, 2)`: the (x, y) centre of every cell of a grid as fractions of the image side, row-major."""
+    y = (torch.arange(height, device=device, dtype=dtype) + 0.5) / height
+    x = (torch.arange(width, device=device, dtype=dtype) + 0.5) / width
+    return torch.stack(torch.meshgrid(x, y, indexing="xy"), dim=-1).reshape(height * width, 2)
 
 
 def flatten_map(feature_map: torch.Tensor) -> torch.Tensor:
@@ -143,6 +167,12 @@ class _SelectImages(torch.autograd.Function):
 def select_images(images: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
     """The feature maps `(B_images, C, H, W)` of each expression's image: `(len(indices), C, H, W)`."""
     return images if indices is None else _SelectImages.apply(images, indices)
+
+
+def check_attended(word_mask: torch.Tensor) -> None:
+    """Raises a `ValueError` where an expression has no attended token (its attention would be undefined)."""
+    if not bool(word_mask.any(dim=1).all()):
+        raise ValueError("Every expression needs at least one attended token; an attention_mask row is all zeros.")
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -279,6 +309,7 @@ class CrobimUContextAwarePromptModulation(nn.Module):
 
     def __init__(self, config: CrobimUConfig):
         super().__init__()
+        self.config = config
         self.prompts = nn.Parameter(torch.zeros(config.num_prompts, config.d_model))
         self.level_embeddings = nn.Parameter(torch.zeros(len(CONTEXT_STRIDES), config.d_model))
         self.layers = nn.ModuleList(CrobimUPromptModulationLayer(config) for _ in range(config.capm_num_layers))
@@ -298,7 +329,7 @@ class CrobimUContextAwarePromptModulation(nn.Module):
             feature_map = visual_maps[stride]
             height, width = feature_map.shape[-2:]
             context.append(flatten_map(feature_map))
-            position = sine_position_encoding(height, width, words.shape[-1], words.device, words.dtype)
+            position = position_encoding(self.config, height, width, words.device, words.dtype)
             context_position.append(position + self.level_embeddings[index])
         context = torch.cat(context, dim=1)
         context_position = torch.cat(context_position, dim=0).unsqueeze(0)
@@ -440,6 +471,7 @@ class CrobimUMutualInteractionDecoder(nn.Module):
 
     def __init__(self, config: CrobimUConfig):
         super().__init__()
+        self.config = config
         self.levels = nn.ModuleDict(
             {
                 str(stride): nn.ModuleList(
@@ -458,6 +490,7 @@ class CrobimUMutualInteractionDecoder(nn.Module):
         self.sentence_norm = nn.LayerNorm(config.d_model)
         self.sentence_proj = nn.Linear(config.d_model, config.mask_head_dim)
         self.mask_bias = nn.Parameter(torch.zeros(1))
+        self.pointers = CrobimUSpatialPointers(config) if config.num_pointers else None
 
     def forward(
         self,
@@ -465,12 +498,13 @@ class CrobimUMutualInteractionDecoder(nn.Module):
         language: torch.Tensor,
         language_mask: torch.Tensor,
         detail_map: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """
-        Returns the coarse mask logits `(B, 1, H/s, W/s)` and the pixel embedding `(B, mask_head_dim, H/s, W/s)`,
-        with `s` = 4, or the stride of `detail_map` (the [`CrobimUDetailStem`] features) where given.
+        Returns the coarse mask logits `(B, 1, H/s, W/s)`, the pixel embedding `(B, mask_head_dim, H/s, W/s)`, with
+        `s` = 4, or the stride of `detail_map` (the [`CrobimUDetailStem`] features) where given, and the pointer
+        logits `(B, num_pointers, H/8, W/8)` (`None` without pointers).
         """
-        coarser = None
+        coarser = pointers = None
         for stride in (*DECODER_STRIDES, 4):
             feature_map = fused_maps[stride]
             if coarser is not None:
@@ -481,20 +515,148 @@ class CrobimUMutualInteractionDecoder(nn.Module):
                 break
             height, width = feature_map.shape[-2:]
             vision = flatten_map(feature_map)
-            position = sine_position_encoding(height, width, vision.shape[-1], vision.device, vision.dtype)
+            position = position_encoding(self.config, height, width, vision.device, vision.dtype)
             # Each token carries its place (as in a ViT), so that the words read where things are, not only which.
             vision = vision + position
             for layer in self.levels[str(stride)]:
                 vision, language = layer(vision, position.unsqueeze(0), language, language_mask)
+            if stride == 8 and self.pointers is not None:
+                vision, pointers = self.pointers(vision, height, width, language, language_mask)
             coarser = unflatten_tokens(vision, height, width)
 
         pixel_embedding = self.pixel_head(feature_map)
         if detail_map is not None:
             upsampled = F.interpolate(pixel_embedding, size=detail_map.shape[-2:], mode="bilinear", align_corners=False)
             pixel_embedding = self.detail_fuse(upsampled + detail_map)
+        if pointers is not None:
+            pixel_embedding = pixel_embedding + self.pointers.pixel_geometry(pointers, pixel_embedding.shape[-2:])
         query = self.sentence_proj(self.sentence_norm(masked_mean(language, language_mask)))
         coarse_logits = torch.einsum("bchw,bc->bhw", pixel_embedding, query) / math.sqrt(query.shape[-1])
-        return (coarse_logits + self.mask_bias).unsqueeze(1), pixel_embedding
+        pointer_logits = None if pointers is None else pointers.logits
+        return (coarse_logits + self.mask_bias).unsqueeze(1), pixel_embedding, pointer_logits
+
+
+@dataclass
+class CrobimUPointers:
+    """Where the spatial pointers point: their logits over the stride-8 grid, centres and spreads."""
+
+    logits: torch.Tensor  # (B, K, h, w)
+    centres: torch.Tensor  # (B, K, 2), (x, y) as fractions of the image side
+    spreads: torch.Tensor  # (B, K, 2), standard deviation of the pointed-at place in x and y
+    sentence: torch.Tensor  # (B, d_model), what the geometry is read against
+
+
+class CrobimUGeometryEmbedding(nn.Module):
+    """An MLP from per-location geometry features, conditioned on the sentence, to `out_dim` channels."""
+
+    def __init__(self, num_features: int, config: CrobimUConfig, out_dim: int):
+        super().__init__()
+        self.features_proj = nn.Linear(num_features, config.d_model)
+        self.sentence_proj = nn.Linear(config.d_model, config.d_model)
+        self.out_proj = nn.Linear(config.d_model, out_dim)
+
+    def forward(self, features: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
+        """`features` `(B, N, num_features)`, `sentence` `(B, d_model)` -> `(B, N, out_dim)`."""
+        hidden = F.gelu(self.features_proj(features) + self.sentence_proj(sentence).unsqueeze(1))
+        return self.out_proj(hidden)
+
+
+def pointer_geometry(grid: torch.Tensor, centres: torch.Tensor, spreads: torch.Tensor) -> torch.Tensor:
+    """
+    Geometry of every grid cell relative to each pointer: `(B, N, 5 * K)` from `grid` `(N, 2)` and pointers `(B, K,
+    2)`: the offset (dx, dy) from the pointed-at place, the distance, and the place's spread in x and y.
+    """
+    offsets = grid[None, :, None, :] - centres[:, None, :, :]  # (B, N, K, 2)
+    distance = offsets.square().sum(-1, keepdim=True).add(1e-6).sqrt()
+    spreads = spreads[:, None, :, :].expand_as(offsets)
+    return torch.cat([offsets, distance, spreads], dim=-1).flatten(2)
+
+
+class CrobimUSpatialPointers(nn.Module):
+    """
+    Spatial pointers, after MID's stride-8 level (our addition; the papers have no such module; `num_pointers`).
+
+    A relation ("the car left of the tennis court") compares a candidate's place with another object's, and a size or
+    extreme word picks one object among its look-alikes. Attention lets a word read *what* the pixels show, and the
+    positions let it read roughly where; neither hands the pixels an explicit comparison. Each pointer k:
+    1. pools the words with a learned query (which words name the place: "the tennis court"), projects them to a
+       query, and scores every stride-8 token against it; a softmax over the grid is where it points;
+    2. takes the softmax-weighted centre and spread of the cell positions (a soft argmax);
+    3. adds to every token an MLP of its offset and distance to that place, conditioned on the sentence, so that the
+       next pointer and the rest of the decoder read "left of it", "near it".
+    The mask head gets the same geometry relative to every pointer at its own stride, plus the pixel's own position.
+    With two or more pointers, the first is trained towards the reference object where the data name it
+    (`reference_labels`), and the last towards the target: locating the reference, then the target relative to it, as
+    in the program-based referring models (CLEVR-Ref+'s relate step).
+    """
+
+    def __init__(self, config: CrobimUConfig):
+        super().__init__()
+        d_model, num_pointers = config.d_model, config.num_pointers
+        self.num_pointers = num_pointers
+        self.word_queries = nn.Parameter(torch.zeros(num_pointers, d_model))
+        self.language_norm = nn.LayerNorm(d_model)
+        self.query_proj = nn.ModuleList(nn.Linear(d_model, d_model) for _ in range(num_pointers))
+        self.token_norm = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(num_pointers))
+        self.key_proj = nn.ModuleList(nn.Linear(d_model, d_model) for _ in range(num_pointers))
+        self.token_geometry = nn.ModuleList(
+            CrobimUGeometryEmbedding(5, config, d_model) for _ in range(num_pointers)
+        )
+        self.head_geometry = CrobimUGeometryEmbedding(5 * num_pointers + 2, config, config.mask_head_dim)
+
+    def forward(
+        self, vision: torch.Tensor, height: int, width: int, language: torch.Tensor, language_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, CrobimUPointers]:
+        """`vision` `(B, h*w, d_model)` stride-8 tokens -> the tokens with geometry added, and the pointers."""
+        grid = cell_centres(height, width, vision.device, vision.dtype)
+        sentence = masked_mean(language, language_mask)
+        normed_language = self.language_norm(language)
+        word_scores = torch.einsum("bld,kd->bkl", normed_language, self.word_queries)
+        word_weights = word_scores.masked_fill(~language_mask[:, None, :], float("-inf")).softmax(dim=-1)
+        phrases = word_weights @ language  # (B, K, d_model)
+        logits, centres, spreads = [], [], []
+        for index in range(self.num_pointers):
+            query = self.query_proj[index](phrases[:, index])
+            keys = self.key_proj[index](self.token_norm[index](vision))
+            pointer_logits = torch.einsum("bnd,bd->bn", keys, query) / math.sqrt(query.shape[-1])
+            weights = pointer_logits.softmax(dim=-1)
+            centre = weights @ grid  # (B, 2)
+            spread = (weights @ grid.square() - centre.square()).clamp(min=0).add(1e-6).sqrt()
+            geometry = pointer_geometry(grid, centre[:, None], spread[:, None])
+            vision = vision + self.token_geometry[index](geometry, sentence)
+            logits.append(pointer_logits)
+            centres.append(centre)
+            spreads.append(spread)
+        pointers = CrobimUPointers(
+            logits=torch.stack(logits, dim=1).unflatten(-1, (height, width)),
+            centres=torch.stack(centres, dim=1),
+            spreads=torch.stack(spreads, dim=1),
+            sentence=sentence,
+        )
+        return vision, pointers
+
+    def pixel_geometry(self, pointers: CrobimUPointers, size: tuple[int, int]) -> torch.Tensor:
+        """The mask head's geometry channels `(B, mask_head_dim, *size)` (a channels-last view)."""
+        height, width = size
+        grid = cell_centres(height, width, pointers.centres.device, pointers.centres.dtype)
+        features = pointer_geometry(grid, pointers.centres, pointers.spreads)
+        features = torch.cat([features, grid.unsqueeze(0).expand(features.shape[0], -1, -1)], dim=-1)
+        return unflatten_tokens(self.head_geometry(features, pointers.sentence), height, width)
+
+
+def pointer_loss(pointer_logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """
+    Cross-entropy of pointer logits `(B, h, w)` towards the masks `(B, 1, H, W)` pooled to the grid and normalised to a
+    distribution; samples with an empty mask do not count. Returns a scalar (0 when every mask is empty).
+    """
+    target = F.adaptive_avg_pool2d(masks.float(), pointer_logits.shape[-2:]).flatten(1)
+    mass = target.sum(-1)
+    present = mass > 0
+    if not bool(present.any()):
+        return pointer_logits.sum() * 0.0
+    target = target[present] / mass[present, None]
+    log_probabilities = pointer_logits.flatten(1)[present].float().log_softmax(dim=-1)
+    return -(target * log_probabilities).sum(-1).mean()
 
 
 class CrobimUDetailStem(nn.Sequential):
@@ -730,6 +892,8 @@ class CrobimUPreTrainedModel(PreTrainedModel):
             init.zeros_(module.residual.bias)
         elif isinstance(module, CrobimUMutualInteractionDecoder):
             init.zeros_(module.mask_bias)
+        elif isinstance(module, CrobimUSpatialPointers):
+            init.normal_(module.word_queries, std=std)
 
 
 class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
@@ -879,8 +1043,7 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
             text_hidden_states = self.text_encoder(**text_kwargs).last_hidden_state
         words = self.text_proj(text_hidden_states)
         word_mask = attention_mask.bool()
-        if not bool(word_mask.any(dim=1).all()):
-            raise ValueError("Every expression needs at least one attended token; an attention_mask row is all zeros.")
+        check_attended(word_mask)
         return words, word_mask
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
@@ -904,6 +1067,7 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        reference_labels: torch.Tensor | None = None,
         image_indices: torch.Tensor | None = None,
         text_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         text_hidden_states: torch.Tensor | None = None,
@@ -923,6 +1087,10 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
                 Passed to the text encoder.
             labels (`torch.FloatTensor` of shape `(batch_size, height, width)`, *optional*):
                 Ground-truth masks in {0, 1} at the input resolution; the loss is computed when given.
+            reference_labels (`torch.FloatTensor` of shape `(batch_size, height, width)`, *optional*):
+                With `labels` and two or more spatial pointers: the mask of the object each expression names as its
+                reference ("the tennis court" in "the car left of the tennis court"), all zeros where it names none;
+                the first pointer is trained towards it (the synthetic benchmark's `reference_mask`).
             image_indices (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
                 For each expression, the index of its image in `pixel_values`; lets several expressions share one
                 image encoding. Without it, `num_images` must equal `batch_size`.
@@ -954,6 +1122,7 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
                     f"text_embeddings must be words (batch_size, sequence_length, {self.config.d_model}) and a mask "
                     f"(batch_size, sequence_length), got {tuple(words.shape)} and {tuple(word_mask.shape)}."
                 )
+            check_attended(word_mask)
             batch_size = words.shape[0]
         else:
             batch_size = (input_ids if input_ids is not None else text_hidden_states).shape[0]
@@ -974,6 +1143,10 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
         height, width = pixel_values.shape[-2:]
         if labels is not None:
             labels = self._check_labels(labels, batch_size, height, width, pixel_values)
+        if reference_labels is not None:
+            if labels is None:
+                raise ValueError("reference_labels are a training target: pass labels too.")
+            reference_labels = self._check_labels(reference_labels, batch_size, height, width, pixel_values)
 
         visual_maps = self.encode_image(pixel_values)
         if image_indices is not None:
@@ -998,11 +1171,11 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
         if self.detail_stem is not None:
             detail_map = self.detail_stem(pixel_values)
             detail_map = select_images(detail_map, image_indices)
-        coarse_logits, pixel_embedding = self.mid(fused_maps, language, language_mask, detail_map)
+        coarse_logits, pixel_embedding, pointer_logits = self.mid(fused_maps, language, language_mask, detail_map)
         fine_logits = coarse_logits if self.udlr is None else self.udlr(pixel_embedding, coarse_logits, uncertainty)
         logits = F.interpolate(fine_logits, size=(height, width), mode="bilinear", align_corners=False)
 
-        loss = segmentation = coarse = uncertainty_loss = uncertainty_target = None
+        loss = segmentation = coarse = uncertainty_loss = uncertainty_target = pointer_error = None
         if labels is not None:
             config = self.config
             segmentation = segmentation_loss(logits, labels, config.bce_weight, config.dice_weight)
@@ -1020,6 +1193,11 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
                     uncertainty_logits.float(), uncertainty_target
                 )
                 loss = loss + config.uncertainty_loss_weight * self.uncertainty_warmup(global_step) * uncertainty_loss
+            if pointer_logits is not None:
+                pointer_error = pointer_loss(pointer_logits[:, -1], labels)
+                if reference_labels is not None and pointer_logits.shape[1] > 1:
+                    pointer_error = pointer_error + pointer_loss(pointer_logits[:, 0], reference_labels)
+                loss = loss + config.pointer_loss_weight * pointer_error
 
         output = CrobimUSegmentationOutput(
             loss=loss,
@@ -1030,6 +1208,8 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
             coarse_loss=coarse,
             uncertainty_loss=uncertainty_loss,
             uncertainty_target=uncertainty_target,
+            pointer_logits=pointer_logits,
+            pointer_loss=pointer_error,
         )
         return output if return_dict else output.to_tuple()
 

@@ -81,6 +81,11 @@ def test_preset_override_of_another_model_type_replaces_the_sub_config():
         ({"backbone_config": {"model_type": "swin", "out_features": ["stage3", "stage4"]}}, "4 feature maps"),
         ({"ugf_levels": []}, "at least one stride"),
         ({"mask_stride": 8}, "mask_stride must be one of"),
+        ({"ugf_gate_scale_init": 0.0}, "ugf_gate_scale_init must be > 0"),
+        ({"ugf_gate_scale_init": -1.5}, "ugf_gate_scale_init must be > 0"),
+        ({"position_encoding": "learned"}, "position_encoding must be one of"),
+        ({"num_pointers": -1}, "num_pointers must be >= 0"),
+        ({"pointer_loss_weight": -0.1}, "pointer_loss_weight"),
     ],
 )
 def test_impossible_settings_raise_clear_errors(settings, message):

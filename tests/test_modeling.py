@@ -1,3 +1,4 @@
+import math
 import itertools
 import json
 import os
@@ -11,6 +12,7 @@ from conftest import TINY_VOCAB_SIZE, assert_close_across_processes, tiny_config
 from transformers import AutoModel, BertConfig, BertModel, ConvNextConfig, ConvNextModel, SwinConfig, SwinModel
 
 from crobim_u import CrobimUConfig, CrobimUForReferringSegmentation
+from crobim_u import modeling_crobim_u as modeling
 from crobim_u.modeling_crobim_u import dice_loss, error_consistency_target, sine_position_encoding
 
 
@@ -464,3 +466,84 @@ def test_precomputed_text_hidden_states_give_the_same_loss_and_gradients(model, 
         model(**{**cached, "attention_mask": short_mask}, text_hidden_states=hidden.last_hidden_state)
     with pytest.raises(ValueError, match="Pass exactly one of .* got none"):
         model(pixel_values=inputs["pixel_values"])
+
+
+def test_all_padding_text_embeddings_raise_the_input_ids_error(inputs):
+    model = tiny_model(num_prompts=0)  # no prompt tokens: an all-padding row would attend to nothing (NaN)
+    with torch.no_grad():
+        words, word_mask = model.encode_text(inputs["input_ids"], inputs["attention_mask"])
+    word_mask = word_mask.clone()
+    word_mask[1] = False
+    with pytest.raises(ValueError, match="at least one attended token"):
+        model(pixel_values=inputs["pixel_values"], text_embeddings=(words, word_mask))
+
+
+def test_gate_scale_init_at_or_below_zero_is_refused_before_weights_are_built():
+    for scale in (0.0, -2.0):
+        with pytest.raises(ValueError, match="ugf_gate_scale_init must be > 0"):
+            tiny_model(ugf_gate_scale_init=scale)
+    gate = tiny_model(ugf_gate_scale_init=0.5).ugf["8"]
+    torch.testing.assert_close(torch.nn.functional.softplus(gate.gate_scale), torch.full_like(gate.gate_scale, 0.5))
+
+
+def test_cell_centres_follow_the_token_order_of_flattened_maps():
+    grid = modeling.cell_centres(2, 3, torch.device("cpu"), torch.float32)
+    feature_map = torch.arange(6.0).view(1, 1, 2, 3)
+    assert modeling.flatten_map(feature_map)[0, :, 0].tolist() == [0, 1, 2, 3, 4, 5]
+    torch.testing.assert_close(grid[1], torch.tensor([0.5, 0.25]))  # row 0, column 1: x = 1.5 / 3, y = 0.5 / 2
+    torch.testing.assert_close(grid[5], torch.tensor([5 / 6, 0.75]))
+
+
+def test_pointer_loss_is_the_cross_entropy_towards_the_pooled_mask():
+    logits = torch.zeros(2, 4, 4)
+    masks = torch.zeros(2, 1, 16, 16)
+    masks[0, 0, :4, :4] = 1  # one grid cell: uniform logits cost log(16)
+    assert modeling.pointer_loss(logits, masks).item() == pytest.approx(math.log(16), rel=1e-6)  # empty mask skipped
+    peaked = logits.clone()
+    peaked[0, 0, 0] = 30.0
+    assert modeling.pointer_loss(peaked, masks).item() < 1e-6
+    assert modeling.pointer_loss(logits, torch.zeros_like(masks)).item() == 0.0
+
+
+def test_spatial_pointers_point_train_and_tell_pixels_where_they_point(inputs):
+    model = tiny_model(num_pointers=2).train()
+    reference = torch.zeros_like(inputs["labels"])
+    reference[:, 40:56, 4:20] = 1
+    outputs = model(**inputs, reference_labels=reference)
+    assert outputs.pointer_logits.shape == (2, 2, 8, 8)  # (batch, pointers, 64 / 8, 64 / 8)
+    target_only = model.forward(**inputs).pointer_loss
+    assert outputs.pointer_loss > target_only  # the first pointer's reference term adds to the target term
+    outputs.loss.backward()
+    pointers = model.mid.pointers
+    for parameter in (pointers.word_queries, pointers.key_proj[0].weight, pointers.head_geometry.out_proj.weight):
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+    # The mask head reads the geometry: pointing elsewhere changes its channels.
+    with torch.no_grad():
+        _, pointed = pointers(torch.randn(2, 64, 64), 8, 8, torch.randn(2, 5, 64), torch.ones(2, 5, dtype=torch.bool))
+        corner = torch.full_like(pointed.centres, 0.1)
+        pointed = modeling.CrobimUPointers(pointed.logits, corner, pointed.spreads, pointed.sentence)
+        elsewhere = modeling.CrobimUPointers(pointed.logits, 1.0 - corner, pointed.spreads, pointed.sentence)
+        here, there = pointers.pixel_geometry(pointed, (16, 16)), pointers.pixel_geometry(elsewhere, (16, 16))
+    assert here.shape == (2, model.config.mask_head_dim, 16, 16)
+    assert (here - there).abs().max() > 1e-3 * here.abs().max()
+    with pytest.raises(ValueError, match="reference_labels are a training target"):
+        model(**{k: v for k, v in inputs.items() if k != "labels"}, reference_labels=reference)
+
+
+def test_without_pointers_the_model_and_its_outputs_are_unchanged(inputs):
+    model = tiny_model()
+    assert model.mid.pointers is None
+    assert not any("pointers" in name for name in model.state_dict())
+    with torch.no_grad():
+        outputs = model(**inputs)
+    assert outputs.pointer_logits is None and outputs.pointer_loss is None
+
+
+def test_position_blind_control_has_no_positions(inputs):
+    blind = tiny_model(position_encoding="none")
+    assert torch.count_nonzero(modeling.position_encoding(blind.config, 3, 4, torch.device("cpu"), torch.float32)) == 0
+    sine = tiny_model()
+    sine.load_state_dict(blind.state_dict())
+    inputs.pop("labels")
+    with torch.no_grad():
+        assert not torch.allclose(blind(**inputs).logits, sine(**inputs).logits)
