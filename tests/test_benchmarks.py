@@ -197,3 +197,39 @@ def test_demo_step_script_times_both_layouts_and_checks_they_agree(tmp_path):
     assert results["max_logit_difference"] < 1e-4
     assert results["max_shared_logit_difference"] < 1e-4
     assert "channels-last / standard" in stdout and "shared images / channels-last" in stdout
+
+
+def test_relations_probe_trains_each_variant_in_its_own_process_and_scores_it(tmp_path):
+    output = tmp_path / "probe.json"
+    stdout = run_script(
+        "relations_probe.py", "--variants", "model", "position_blind", "--max-steps", "2", "--num-train", "8",
+        "--num-test", "12", "--output", str(output), timeout=600,
+    )
+    results = json.loads(output.read_text())
+    assert {"model", "position_blind", "class_only", "train_seconds", "command", "num_test"} <= set(results)
+    keys = {"mIoU", "oIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9"}
+    for name in ("model", "position_blind", "class_only"):
+        assert keys <= set(results[name]) and all(0.0 <= results[name][key] <= 1.0 for key in keys)
+    assert set(results["model"]["by_family"]) <= {"relation", "size"}
+    assert 0 < results["num_test"] <= 12 and "relations_probe.py" in results["command"]
+    assert "| position_blind |" in stdout and "| class_only |" in stdout
+
+
+def test_expression_families_scores_a_model_folder_per_family(tmp_path):
+    from crobim_u import CrobimUImageProcessor, CrobimUProcessor
+    from crobim_u.demo import QUICK_RECIPE, build_model_and_tokenizer
+
+    model, tokenizer, _ = build_model_and_tokenizer(QUICK_RECIPE, "scratch")
+    processor = CrobimUProcessor(CrobimUImageProcessor(size={"height": 64, "width": 64}), tokenizer, max_length=20)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    output = tmp_path / "families.json"
+    stdout = run_script(
+        "expression_families.py", "--model", str(tmp_path / "model"), "--image-size", "64", "--num-test", "24",
+        "--output", str(output), timeout=300,
+    )
+    results = json.loads(output.read_text())
+    assert sum(block["count"] for block in results["by_family"].values()) == 24
+    for family, block in results["by_family"].items():
+        assert f"| {family} | {block['count']} |" in stdout
+        assert 0.0 <= block["model"]["mIoU"] <= 1.0 and 0.0 <= block["class_only"]["mIoU"] <= 1.0

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -8,6 +9,8 @@ from transformers import AutoModel, AutoProcessor
 
 from crobim_u import demo
 from crobim_u.cli import build_parser
+from crobim_u.data.synthetic import FAMILIES, load_synthetic
+from crobim_u.inference.evaluation import evaluate_reference_masks
 
 
 METRIC_KEYS = {"mIoU", "oIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9"}
@@ -52,12 +55,18 @@ def test_quick_demo_metrics_have_the_documented_structure(quick_run):
     output_dir, metrics, _ = quick_run
     saved = json.loads((output_dir / "metrics.json").read_text())
     assert saved == metrics
-    assert set(saved) == METRIC_KEYS | {"class_only", "with_distractor"}
+    assert set(saved) == METRIC_KEYS | {"class_only", "with_distractor", "by_family"}
     _check_block({key: saved[key] for key in METRIC_KEYS})
     _check_block(saved["class_only"])
     assert set(saved["with_distractor"]) == {"model", "class_only"}
     _check_block(saved["with_distractor"]["model"])
     _check_block(saved["with_distractor"]["class_only"])
+    assert set(saved["by_family"]) <= set(FAMILIES) and saved["by_family"]
+    assert sum(block["count"] for block in saved["by_family"].values()) == demo.QUICK_RECIPE.num_test
+    for block in saved["by_family"].values():
+        assert set(block) == {"count", "model", "class_only"}
+        _check_block(block["model"])
+        _check_block(block["class_only"])
 
 
 def test_quick_demo_saves_overlays(quick_run):
@@ -92,6 +101,18 @@ def test_demo_subcommand_is_registered():
     assert (args.quick, args.output_dir, args.text_encoder, args.seed) == (True, "somewhere", "scratch", 0)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--text_encoder", "bert-large"])
+
+
+def test_demo_difficulty_flag_runs_the_same_recipe_on_other_scenes(monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda output_dir, **kwargs: calls.append((output_dir, kwargs)))
+    args = build_parser().parse_args(["demo", "--difficulty", "medium", "--output_dir", "medium_demo"])
+    assert args.handler(args) == 0
+    ((output_dir, kwargs),) = calls
+    assert output_dir == "medium_demo"
+    assert kwargs["recipe"] == dataclasses.replace(demo.DemoRecipe(), difficulty="medium")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--difficulty", "extreme"])
 
 
 def test_minilm_text_encoder_is_pretrained_and_frozen():
@@ -230,3 +251,35 @@ def test_frozen_text_features_are_computed_once_per_distinct_expression():
     torch.testing.assert_close(got[real], expected[real])
     assert torch.all(got[~real] == 0)
     torch.testing.assert_close(again, got[:2])
+
+
+def test_metrics_by_family_score_each_family_beside_the_class_only_reference():
+    test = load_synthetic(num_train=0, num_validation=0, num_test=40, image_size=64, difficulty="easy", seed=1)["test"]
+    perfect = evaluate_reference_masks(test, "mask", return_counts=True)  # a model that is always right
+    by_family = demo.metrics_by_family(test, perfect["intersection"], perfect["union"])
+    families = test["family"]
+    assert set(by_family) == set(families) and len(by_family) > 2
+    for family, block in by_family.items():
+        subset = test.select([row for row, value in enumerate(families) if value == family])
+        assert block["count"] == len(subset)
+        assert block["model"]["mIoU"] == 1.0 and block["model"]["Pr@0.9"] == 1.0
+        expected = evaluate_reference_masks(subset, "class_mask")
+        assert block["class_only"] == {key: pytest.approx(expected[key], abs=1e-12) for key in METRIC_KEYS}
+
+
+def test_preprocess_keeps_reference_masks_for_the_first_pointer():
+    from crobim_u import CrobimUImageProcessor, CrobimUProcessor
+
+    _, tokenizer, _ = demo.build_model_and_tokenizer(demo.QUICK_RECIPE, "scratch")
+    processor = CrobimUProcessor(CrobimUImageProcessor(size={"height": 64, "width": 64}), tokenizer, max_length=20)
+    rows = load_synthetic(
+        num_train=4, num_validation=0, num_test=0, image_size=64, seed=0, families=("relation",)
+    )["train"]
+    dataset = demo.preprocess(rows, processor, progress=False, reference_masks=True)
+    references = dataset.columns["reference_labels"][:, 0]
+    assert references.shape == (4, 64, 64) and references.dtype == torch.uint8
+    for reference, row in zip(references, rows):
+        assert torch.equal(reference, torch.from_numpy(np.array(row["reference_mask"])))
+        assert reference.sum() > 0 and not (reference.bool() & torch.from_numpy(np.array(row["mask"]) > 0)).any()
+    batch = demo._collate([dataset[i] for i in range(4)])
+    assert batch["reference_labels"].shape == (4, 64, 64)

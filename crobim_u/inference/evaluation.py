@@ -95,7 +95,7 @@ def evaluate_referring_segmentation(
 
 
 def evaluate_reference_masks(
-    dataset: Dataset, column: str, size: int | None = None, strict: bool = False
+    dataset: Dataset, column: str, size: int | None = None, strict: bool = False, return_counts: bool = False
 ) -> dict[str, Any]:
     """
     Scores fixed answers stored in the data set, e.g. the synthetic benchmark's `class_mask` (every object of the
@@ -106,10 +106,18 @@ def evaluate_reference_masks(
         column (`str`): The column holding the answer masks.
         size (`int`, *optional*): Score at a fixed square resolution.
         strict (`bool`, *optional*, defaults to `False`): Pr@X counts `IoU > X`.
+        return_counts (`bool`, *optional*, defaults to `False`): Also return the per-sample `intersection` and
+            `union` counts, as [`evaluate_referring_segmentation`] does.
     """
     if column not in dataset.column_names:
         raise ValueError(f"The data set has no column {column!r}; columns: {dataset.column_names}.")
     metric = ReferringSegmentationMetric(size=size, strict=strict)
+    intersections, unions = [], []
     for row in dataset.select_columns(["mask", column]):
-        metric.update(_mask_tensor(row[column])[None], _mask_tensor(row["mask"])[None])
-    return metric.compute()
+        intersection, union = metric.update(_mask_tensor(row[column])[None], _mask_tensor(row["mask"])[None])
+        intersections.append(intersection)
+        unions.append(union)
+    results = metric.compute()
+    if return_counts:
+        results.update(intersection=torch.cat(intersections), union=torch.cat(unions))
+    return results
