@@ -2,7 +2,8 @@
 `crobim-u predict`: referring segmentation of image files, folders, list files and GeoTIFF scenes of any size.
 
 For each input and expression it writes a mask, an uncertainty map and an overlay picture, and appends a record to
-`results.jsonl`. A file that cannot be read or segmented is recorded as failed and skipped; the others go on.
+`results.jsonl`. A file that cannot be read or segmented is recorded as failed and skipped; the others go on. An
+optional output (the overlay, the GeoJSON) that fails is recorded in its input's record, beside the outputs written.
 
 Every output file is written to a hidden temporary file and renamed into place, and an input's records are appended
 only once all its files are in place: a run killed at any moment leaves no half-written output under a final name,
@@ -12,6 +13,7 @@ and `--resume` skips exactly the inputs whose records and files are complete.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -27,8 +29,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .geo import GeoTiffScene, is_georeferenced_tiff, mask_to_geojson, write_mask_geotiff, write_uncertainty_geotiff
-from .loading import load_checkpoint
-from .tiling import MODES, ArrayScene, SceneReader, SceneResult, model_input_size, predict_scene
+from .loading import load_checkpoint_or_exit
+from .tiling import (
+    MODES,
+    ArrayScene,
+    SceneReader,
+    SceneResult,
+    check_tiling_options,
+    model_input_size,
+    predict_scene,
+)
 from .visualize import draw_overlay, heatmap
 
 
@@ -48,6 +58,8 @@ PNG_OPTIONS = {"compress_level": 1}
 # Outputs are written under this name first (hidden, beside their final name) and renamed when complete.
 PARTIAL_MARK = ".partial"
 OUTPUT_FIELDS = ("mask", "uncertainty", "overlay", "geojson")
+# A record's status: every output written; the mask and uncertainty written but an optional output failed; failed.
+STATUSES = ("ok", "partial", "error")
 
 
 @dataclass
@@ -64,6 +76,10 @@ class PredictOptions:
         threshold (`float`): Probability above which a pixel is in the mask.
         bands (`tuple[int, ...]`, *optional*): 1-based bands of raster inputs.
         percentiles (`tuple[float, float]`): Stretch of non-uint8 raster inputs.
+        recursive (`bool`): Whether folder inputs include the images of their subfolders.
+
+    Raises:
+        `ValueError`: A setting out of its range, named with the value given.
     """
 
     tile: str = "auto"
@@ -74,24 +90,34 @@ class PredictOptions:
     threshold: float = 0.5
     bands: tuple[int, ...] | None = None
     percentiles: tuple[float, float] = (2.0, 98.0)
+    recursive: bool = False
+
+    def __post_init__(self):
+        if self.tile not in ("auto", "always", "never"):
+            raise ValueError(f"tile must be 'auto', 'always' or 'never', got {self.tile!r}.")
+        window = None if self.window is None else (self.window, self.window)
+        check_tiling_options(self.mode, self.overlap, self.batch_size, self.threshold, window=window)
+        if not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}.")
 
 
-def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
+def expand_inputs(inputs: Sequence[str | os.PathLike], recursive: bool = False) -> list[str]:
     """
-    Image paths from `inputs`: files as given; folders become their image files (by suffix, sorted, not recursive);
-    `.txt` files are lists of paths or folders, one per line (relative to the list's folder; blank lines and lines
-    starting with `#` skipped). Missing paths are kept, to be reported as failures.
+    Image paths from `inputs`: files as given; folders become their image files (by suffix, sorted; with
+    `recursive`, those of every subfolder too, else none of them); `.txt` files are lists of paths or folders, one
+    per line (relative to the list's folder; blank lines and lines starting with `#` skipped). Missing paths are
+    kept, to be reported as failures.
     """
     paths: list[str] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            children = sorted(child for child in path.iterdir() if child.is_file())
+            children = sorted(child for child in (path.rglob("*") if recursive else path.iterdir()) if child.is_file())
             paths.extend(str(child) for child in children if child.suffix.lower() in IMAGE_SUFFIXES)
         elif path.suffix.lower() == ".txt" and path.is_file():
             lines = [line.strip() for line in path.read_text().splitlines()]
             entries = [path.parent / line for line in lines if line and not line.startswith("#")]
-            paths.extend(expand_inputs([entry for entry in entries if entry.suffix.lower() != ".txt"]))
+            paths.extend(expand_inputs([entry for entry in entries if entry.suffix.lower() != ".txt"], recursive))
         else:
             paths.append(str(path))
     return paths
@@ -139,22 +165,39 @@ def _heatmap_image(values: np.ndarray) -> Image.Image:
 
 
 class _OverlayPicture:
-    """The scene at most `OVERLAY_MAX_SIDE` pixels on its long side, read once per input, and the sampling of maps."""
+    """
+    The scene at most `OVERLAY_MAX_SIDE` pixels on its long side (each side at least 1), read at the first drawing
+    and kept for the input's other expressions, and the sampling of full-size maps to its grid.
+    """
 
     def __init__(self, scene: SceneReader):
+        self.scene = scene
         height, width = scene.height, scene.width
         scale = max(1.0, max(height, width) / OVERLAY_MAX_SIDE)
-        shape = (max(1, round(height / scale)), max(1, round(width / scale)))
-        self.image = Image.fromarray(scene.read(0, 0, height, width, None if scale == 1 else shape))
-        self.rows = (np.arange(shape[0]) * height // shape[0]) if scale > 1 else slice(None)
-        self.cols = (np.arange(shape[1]) * width // shape[1]) if scale > 1 else slice(None)
+        self.shape = None if scale == 1 else (max(1, round(height / scale)), max(1, round(width / scale)))
+        self.rows = slice(None) if self.shape is None else np.arange(self.shape[0]) * height // self.shape[0]
+        self.cols = slice(None) if self.shape is None else np.arange(self.shape[1]) * width // self.shape[1]
+
+    @functools.cached_property
+    def image(self) -> Image.Image:
+        return Image.fromarray(self.scene.read(0, 0, self.scene.height, self.scene.width, self.shape))
 
     def sample(self, values: np.ndarray | None) -> np.ndarray | None:
         if values is None:
             return None
-        if isinstance(self.rows, slice):
+        if self.shape is None:
             return values
         return values[self.rows][:, self.cols]
+
+    def draw(self, result: SceneResult) -> Image.Image:
+        """The overlay picture of `result`: its mask on the scene, its uncertainty beside it, the expression above."""
+        uncertainty = self.sample(result.uncertainty)
+        return draw_overlay(
+            self.image,
+            self.sample(result.mask),
+            None if uncertainty is None else uncertainty.astype(np.float32),
+            result.expression,
+        )
 
 
 @contextmanager
@@ -183,10 +226,29 @@ def _write_atomically(write: Callable[..., Any], path: str, *args: Any) -> Any:
         return write(temporary, *args)
 
 
+def _write_optional(record: dict[str, Any], field: str, path: str, write: Callable[[str], Any]) -> Any:
+    """
+    Writes an optional output with `write(path)`; on failure records the error in `record` instead of raising, so
+    that the outputs already written stay listed.
+    """
+    try:
+        written = write(path)
+    except Exception as error:  # an optional picture or vector file never costs the input its mask
+        record["status"] = "partial"
+        message = f"{field}: {type(error).__name__}: {error}"
+        record["error"] = message if record["error"] is None else f"{record['error']}; {message}"
+        return None
+    record[field] = path
+    return written
+
+
 def _write_outputs(
     result: SceneResult, scene: SceneReader, overlay: _OverlayPicture, base: Path, record: dict[str, Any]
 ) -> None:
-    """Writes one result's mask, uncertainty, overlay (and GeoJSON for georeferenced inputs) and fills `record`."""
+    """
+    Writes one result's mask and uncertainty, then its optional outputs (overlay, and GeoJSON for georeferenced
+    inputs), and fills `record`: a failed optional output makes it `"partial"` with the error named.
+    """
     georeferenced = isinstance(scene, GeoTiffScene) and scene.georeferenced
     if georeferenced:
         record["mask"] = f"{base}_mask.tif"
@@ -196,29 +258,20 @@ def _write_outputs(
             _write_atomically(
                 write_uncertainty_geotiff, record["uncertainty"], result.uncertainty, scene.crs, scene.transform
             )
-        record["geojson"] = f"{base}_mask.geojson"
-        record["num_polygons"] = _write_atomically(
-            mask_to_geojson, record["geojson"], result.mask, scene.transform, scene.crs,
-            {"expression": result.expression},
-        )
         record["crs"] = None if scene.crs is None else scene.crs.to_string()
+        record["num_polygons"] = _write_optional(
+            record, "geojson", f"{base}_mask.geojson",
+            lambda path: _write_atomically(
+                mask_to_geojson, path, result.mask, scene.transform, scene.crs, {"expression": result.expression}
+            ),
+        )
     else:
         record["mask"] = f"{base}_mask.png"
         _save_png(Image.fromarray(result.mask.view(np.uint8) * np.uint8(255)), record["mask"])
         if result.uncertainty is not None:
             record["uncertainty"] = f"{base}_uncertainty.png"
             _save_png(_heatmap_image(result.uncertainty), record["uncertainty"])
-    record["overlay"] = f"{base}_overlay.png"
-    uncertainty = overlay.sample(result.uncertainty)
-    _save_png(
-        draw_overlay(
-            overlay.image,
-            overlay.sample(result.mask),
-            None if uncertainty is None else uncertainty.astype(np.float32),
-            result.expression,
-        ),
-        record["overlay"],
-    )
+    _write_optional(record, "overlay", f"{base}_overlay.png", lambda path: _save_png(overlay.draw(result), path))
 
 
 def _predict_input(
@@ -240,7 +293,7 @@ def _predict_input(
         window = model_input_size(processor) if options.window is None else (options.window, options.window)
         mode = choose_mode(scene.height, scene.width, window, options)
         per_pass = max(1, MEMORY_BUDGET // (BYTES_PER_PIXEL * scene.height * scene.width))
-        overlay = None
+        overlay = _OverlayPicture(scene)
         for first in range(0, len(expressions), per_pass):
             group = expressions[first : first + per_pass]
             start = time.perf_counter()
@@ -249,8 +302,6 @@ def _predict_input(
                 batch_size=options.batch_size, mode=mode, threshold=options.threshold, progress=progress,
             )
             seconds = (time.perf_counter() - start) / len(group)
-            if overlay is None:
-                overlay = _OverlayPicture(scene)
             for index, result in enumerate(results, start=first):
                 area = int(np.count_nonzero(result.mask))
                 record = _record(path, result.expression, "ok")
@@ -326,6 +377,19 @@ def _remove_partial_outputs(output_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def check_expressions(processor: Any, expressions: Sequence[str]) -> None:
+    """Raises a `ValueError` unless there is an expression and the processor's tokenizer accepts every one."""
+    if not expressions:
+        raise ValueError("Give at least one expression.")
+    processor(text=list(expressions))
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> None:
+    """Raises a `NotADirectoryError` when `output_dir` exists and is not a folder."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise NotADirectoryError(f"{output_dir} is an existing file; the output must be a folder (created if missing).")
+
+
 def predict_files(
     model: Any,
     processor: Any,
@@ -344,8 +408,9 @@ def predict_files(
       CRS and transform, and `_mask.geojson` (polygons in the input CRS);
     - other images: `_mask.png` (0/255) and `_uncertainty.png` (a heatmap, dark blue 0 to yellow 1);
     - `_overlay.png`: the mask on the image beside the uncertainty, at most `OVERLAY_MAX_SIDE` pixels high.
-    One JSON line per input and expression goes to `results.jsonl`: input, expression, status (`"ok"` or
-    `"error"`), error, output paths, score, mask area (pixels) and fraction, size, mode, window count, seconds.
+    One JSON line per input and expression goes to `results.jsonl`: input, expression, status (`"ok"`; `"partial"`
+    when the mask and uncertainty were written but an optional output failed; `"error"`), error, output paths
+    (`None` for those not written), score, mask area (pixels) and fraction, size, mode, window count, seconds.
 
     Each file is written under a temporary name and renamed into place when complete, and an input's records are
     appended once all its files are in place, so a killed run never leaves a half-written output that counts as done.
@@ -364,15 +429,19 @@ def predict_files(
 
     Returns:
         `list[dict]`: The records written to `results.jsonl`, in input order.
+
+    Raises:
+        `ValueError`: No expression, or one the processor refuses (empty, whitespace only), before any input is read.
+        `NotADirectoryError`: `output_dir` is an existing file.
     """
     options = options or PredictOptions()
     expressions = list(expressions)
-    if not expressions:
-        raise ValueError("Give at least one expression.")
+    check_expressions(processor, expressions)
     output_dir = Path(output_dir)
+    check_output_dir(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _remove_partial_outputs(output_dir)
-    paths = expand_inputs(inputs)
+    paths = expand_inputs(inputs, options.recursive)
     done = completed_records(output_dir, paths, expressions) if resume else {}
     if done and progress:
         tqdm.write(f"resume: {len(done)} of {len(paths)} inputs already done in {output_dir}, skipped")
@@ -426,6 +495,8 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, or .txt lists of paths")
+    parser.add_argument("--recursive", action="store_true",
+                        help="folder inputs include the images of their subfolders (by default only their own)")
     parser.add_argument("--model", required=True, help="checkpoint folder or Hub id")
     parser.add_argument("--expression", action="append", required=True,
                         help="referring expression (repeat the flag for several)")
@@ -457,29 +528,50 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
 def _predict(args: argparse.Namespace) -> int:
     import torch
 
+    # Every argument is checked before the model loads, so a bad one costs one message, not one per input.
+    try:
+        options = PredictOptions(
+            tile=args.tile, mode=args.mode, window=args.window, overlap=args.overlap, batch_size=args.batch_size,
+            threshold=args.threshold, bands=args.bands, percentiles=args.stretch, recursive=args.recursive,
+        )
+        for index, expression in enumerate(args.expression):
+            if not expression.strip():
+                raise ValueError(f"--expression number {index + 1} is empty; a referring expression needs words.")
+        check_output_dir(args.output)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"error: {error}") from None
+    if not expand_inputs(args.inputs, args.recursive):
+        raise SystemExit(
+            f"error: no input images found in {', '.join(args.inputs)} (image suffixes: {', '.join(IMAGE_SUFFIXES)}). "
+            + ("" if args.recursive else "Subfolders of folder inputs are not searched; add --recursive to include them.")
+        )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = load_checkpoint(args.model, device)
-    options = PredictOptions(
-        tile=args.tile, mode=args.mode, window=args.window, overlap=args.overlap, batch_size=args.batch_size,
-        threshold=args.threshold, bands=args.bands, percentiles=args.stretch,
-    )
+    model, processor = load_checkpoint_or_exit(args.model, device)
+    try:
+        check_expressions(processor, args.expression)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     records = predict_files(
         model, processor, args.inputs, args.expression, args.output, options, args.progress, resume=args.resume
     )
-    failures = {record["input"]: record["error"] for record in records if record["status"] != "ok"}
+    problems: dict[str, dict[str, Any]] = {}  # per input, its first failed record, else its first partial one
+    for record in records:
+        earlier = problems.get(record["input"])
+        if record["status"] != "ok" and (earlier is None or earlier["status"] == "partial" != record["status"]):
+            problems[record["input"]] = record
+    failed = [path for path, record in problems.items() if record["status"] == "error"]
     inputs = list(dict.fromkeys(record["input"] for record in records))
     print(
-        f"{len(inputs)} inputs x {len(args.expression)} expressions: {len(inputs) - len(failures)} inputs done, "
-        f"{len(failures)} failed; results in {Path(args.output) / RESULTS_FILE}"
+        f"{len(inputs)} inputs x {len(args.expression)} expressions: {len(inputs) - len(problems)} inputs done, "
+        f"{len(problems) - len(failed)} partly done, {len(failed)} failed; results in "
+        f"{Path(args.output) / RESULTS_FILE}"
     )
-    for path, error in failures.items():
-        print(f"FAILED {path}: {error}")
-    if not inputs:
-        print("error: no input images found")
-    return 1 if failures or not inputs else 0
+    for path, record in problems.items():
+        print(f"{'FAILED' if record['status'] == 'error' else 'PARTIAL'} {path}: {record['error']}")
+    return 1 if problems else 0
 
 
 __all__ = [
-    "PredictOptions", "add_predict_parser", "choose_mode", "completed_records", "expand_inputs", "open_scene",
-    "predict_files",
+    "PredictOptions", "add_predict_parser", "check_expressions", "check_output_dir", "choose_mode", "completed_records",
+    "expand_inputs", "open_scene", "predict_files",
 ]
