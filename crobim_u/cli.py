@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_parser(subparsers)
     from .training.run import add_train_parser
     add_train_parser(subparsers)
+    from .data.check import add_check_data_parser
+    add_check_data_parser(subparsers)
     from .demo import add_demo_parser
     add_demo_parser(subparsers)
     from .inference.predict import add_predict_parser
