@@ -71,7 +71,7 @@ def test_real_images_and_a_corrupt_file(checkpoint, tmp_path, capsys):
             assert uncertainty.size == size and uncertainty.mode == "RGB"
         with Image.open(record["overlay"]) as overlay:
             assert overlay.width == 2 * size[0]
-        assert 0 <= record["score"] <= 1 and record["geojson"] is None
+        assert 0 <= record["score"] <= 1 and record["vector"] is None
     assert {record["num_windows"] for record in records if record["status"] == "ok"} == {4, 9}
 
 

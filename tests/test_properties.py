@@ -316,7 +316,7 @@ def test_predict_writes_every_output_at_the_scene_size(model_and_processor, tmp_
         with Image.open(record["overlay"]) as overlay:
             assert overlay.size == overlay_size(height, width)
         if kind == "geotiff":
-            features = json.loads(open(record["geojson"]).read())["features"]
-            assert len(features) == record["num_polygons"] and (record["mask_area"] == 0) == (not features)
+            features = json.loads(open(record["vector"]).read())["features"]
+            assert len(features) == record["num_features"] and (record["mask_area"] == 0) == (not features)
         else:
-            assert record["geojson"] is None
+            assert record["vector"] is None
