@@ -126,7 +126,10 @@ def _check_data(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: no split {', '.join(unknown)} in the data set; it has {sorted(dataset)}.")
     prepare = check_record
     if args.model is not None:
-        collator = CrobimUDataCollator(CrobimUProcessor.from_pretrained(args.model))
+        try:
+            collator = CrobimUDataCollator(CrobimUProcessor.from_pretrained(args.model))
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"error: no processor could be loaded from {args.model}: {error}") from None
 
         def prepare(record: dict[str, Any]) -> None:
             check_record(record)

@@ -71,8 +71,6 @@ RESULTS_FILE = "results.jsonl"
 # Fast PNG compression: level 6 (Pillow's default) spends several times longer for ~10% smaller files.
 PNG_OPTIONS = {"compress_level": 1}
 OUTPUT_FIELDS = ("mask", "uncertainty", "overlay", "vector")
-# A record's status: every output written; the mask and uncertainty written but an optional output failed; failed.
-STATUSES = ("ok", "partial", "error")
 
 
 @dataclass
