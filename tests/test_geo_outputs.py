@@ -68,6 +68,12 @@ def test_a_square_on_utm_gives_its_polygon_and_rfc_7946_corners(tmp_path):
     for x, y in ((west, south), (east, south), (east, north), (west, north)):
         longitude, latitude = to_wgs84.transform(x, y)
         assert np.abs(vertices - [longitude, latitude]).max(axis=1).min() <= 1e-7
+    # Asked for explicitly, EPSG:4326 gives the same RFC 7946 file; another CRS is written in the legacy form.
+    write_features(features, tmp_path / "wgs84.geojson", dst_crs="EPSG:4326")
+    assert json.loads((tmp_path / "wgs84.geojson").read_text())["features"] == collection["features"]
+    write_features(features, tmp_path / "mercator.geojson", dst_crs="EPSG:3857")
+    mercator = json.loads((tmp_path / "mercator.geojson").read_text())
+    assert mercator["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::3857"
 
 
 @pytest.mark.parametrize("vector_format", FORMATS)

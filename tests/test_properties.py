@@ -270,24 +270,32 @@ def overlay_size(height: int, width: int) -> tuple[int, int]:
 
 
 @st.composite
-def predict_scenes(draw) -> tuple[int, int, str, str]:
+def predict_scenes(draw) -> tuple[int, int, str, PredictOptions]:
+    """A scene size, its kind (PNG or GeoTIFF) and the options of every output path: tiling, vector format, objects."""
     height, width = draw(PREDICT_SIDE), draw(PREDICT_SIDE)
     if height * width > PREDICT_MAX_AREA:
         if draw(st.booleans()):
             width = max(1, PREDICT_MAX_AREA // height)
         else:
             height = max(1, PREDICT_MAX_AREA // width)
-    return height, width, draw(st.sampled_from(["png", "geotiff"])), draw(st.sampled_from(["auto", "never"]))
+    options = PredictOptions(
+        tile=draw(st.sampled_from(["auto", "never"])),
+        vector_format=draw(st.sampled_from([None, "geojson", "gpkg", "shp", "parquet"])),
+        objects=draw(st.sampled_from(["mask", "all", "best"])),
+    )
+    return height, width, draw(st.sampled_from(["png", "geotiff"])), options
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=predict_scenes())
-@example(case=(1, 10_000, "png", "auto"))
-@example(case=(10_000, 1, "geotiff", "auto"))
-@example(case=(1, 1, "geotiff", "never"))
-@example(case=(20, 10_000, "png", "never"))
+@example(case=(1, 10_000, "png", PredictOptions(vector_format="gpkg", objects="all")))
+@example(case=(10_000, 1, "geotiff", PredictOptions()))
+@example(case=(1, 1, "geotiff", PredictOptions(tile="never", vector_format="shp", objects="best")))
+@example(case=(20, 10_000, "png", PredictOptions(tile="never")))
 def test_predict_writes_every_output_at_the_scene_size(model_and_processor, tmp_path_factory, case):
-    height, width, kind, tile = case
+    import geopandas
+
+    height, width, kind, options = case
     model, processor = model_and_processor
     folder = tmp_path_factory.mktemp("scene")
     pixels = np.random.default_rng(height * 10_007 + width).integers(0, 256, (height, width, 3), dtype=np.uint8)
@@ -302,8 +310,8 @@ def test_predict_writes_every_output_at_the_scene_size(model_and_processor, tmp_
         with rasterio.open(path, "w", driver="GTiff", height=height, width=width, count=3, dtype="uint8",
                            crs="EPSG:32633", transform=Affine(0.5, 0, 500000, 0, -0.5, 4000000)) as destination:
             destination.write(np.moveaxis(pixels, -1, 0))
-    records = predict_files(model, processor, [path], ["the red car", "the large building"], folder / "out",
-                            PredictOptions(tile=tile), progress=False)
+    records = predict_files(model, processor, [path], ["the red car", "the large building"], folder / "out", options,
+                            progress=False)
     assert [record["status"] for record in records] == ["ok", "ok"], records
     for record in records:
         for field in ("mask", "uncertainty"):
@@ -315,8 +323,18 @@ def test_predict_writes_every_output_at_the_scene_size(model_and_processor, tmp_
                     assert raster.shape == (height, width), field
         with Image.open(record["overlay"]) as overlay:
             assert overlay.size == overlay_size(height, width)
-        if kind == "geotiff":
-            features = json.loads(open(record["vector"]).read())["features"]
-            assert len(features) == record["num_features"] and (record["mask_area"] == 0) == (not features)
-        else:
+        vector_format = options.vector_format or ("geojson" if kind == "geotiff" else None)
+        if vector_format is None:
             assert record["vector"] is None
+            continue
+        path = record["vector"]
+        features = geopandas.read_parquet(path) if vector_format == "parquet" else geopandas.read_file(path)
+        assert len(features) == record["num_features"] and (record["mask_area"] == 0) == features.empty
+        if options.objects != "all":
+            assert len(features) <= 1
+        if kind == "png":
+            # Pixel coordinates; GeoJSON cannot say "no CRS", and its readers take WGS 84.
+            assert features.crs == ("EPSG:4326" if vector_format == "geojson" else None)
+            assert (features.total_bounds <= [width, height, width, height]).all()
+        else:
+            assert features.crs == ("EPSG:4326" if vector_format == "geojson" else "EPSG:32633")

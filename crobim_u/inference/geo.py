@@ -440,7 +440,7 @@ def mask_to_features(
         objects), `expression`, `source`, `area` (float, of the unsimplified outline: square metres for a projected
         CRS in metres and, geodesic, for a geographic one; CRS units squared for other units; pixels for a plain
         image), `area_unit` (`"m2"`, `"<unit>^2"` or `"pixel"`), `score` (mean probability inside), `uncertainty_mean`
-        and `uncertainty_max` (NaN without the map), `geometry`.
+        and `uncertainty_max` (each NaN without its map), `geometry`.
 
     Raises:
         `ValueError`: An unknown `objects`, or a negative `simplify` or `min_area`.
@@ -554,34 +554,36 @@ def write_features(
         dst_crs = parse_crs(dst_crs) if isinstance(dst_crs, str) else dst_crs
         features = features.to_crs(dst_crs.to_wkt())
     path = Path(path)
-    if vector_format == "parquet":
-        with atomic_output(path) as temporary:
-            features.to_parquet(temporary)
-    elif vector_format == "shp":
-        folder = partial_path(path)
-        try:
-            folder.mkdir()
-            features.rename(columns=SHAPEFILE_FIELD_NAMES).to_file(
-                folder / path.name, driver="ESRI Shapefile", engine="pyogrio", geometry_type=_geometry_type(features)
+    with warnings.catch_warnings():
+        # GDAL checks the temporary name's extension (the final name has the right one), and pyogrio warns about
+        # features without a CRS, which those of plain images are by design.
+        warnings.filterwarnings("ignore", message="The filename extension should be")
+        warnings.filterwarnings("ignore", message="'crs' was not provided")
+        if vector_format == "parquet":
+            with atomic_output(path) as temporary:
+                features.to_parquet(temporary)
+        elif vector_format == "shp":
+            folder = partial_path(path)
+            try:
+                folder.mkdir()
+                features.rename(columns=SHAPEFILE_FIELD_NAMES).to_file(
+                    folder / path.name, driver="ESRI Shapefile", engine="pyogrio",
+                    geometry_type=_geometry_type(features),
+                )
+                # The sidecars first, the .shp last: a .shp under its final name has every part beside it.
+                for part in sorted(folder.iterdir(), key=lambda part: part.suffix.lower() == ".shp"):
+                    os.replace(part, path.with_suffix(part.suffix))
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        else:
+            rfc_7946 = vector_format == "geojson" and features.crs is not None and (
+                dst_crs is None or features.crs.equals("EPSG:4326")
             )
-            # The sidecars first, the .shp last: a .shp under its final name has every part beside it.
-            for part in sorted(folder.iterdir(), key=lambda part: part.suffix.lower() == ".shp"):
-                os.replace(part, path.with_suffix(part.suffix))
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-    else:
-        options = {}
-        if vector_format == "geojson" and features.crs is not None and features.crs.equals("EPSG:4326") | (
-            dst_crs is None
-        ):
-            options["RFC7946"] = "YES"
-        with atomic_output(path) as temporary, warnings.catch_warnings():
-            # GDAL checks the temporary name's extension; the final name has the right one.
-            warnings.filterwarnings("ignore", message="The filename extension should be")
-            features.to_file(
-                temporary, driver=VECTOR_FORMATS[vector_format][0], engine="pyogrio", layer=path.stem,
-                geometry_type=_geometry_type(features), **options,
-            )
+            with atomic_output(path) as temporary:
+                features.to_file(
+                    temporary, driver=VECTOR_FORMATS[vector_format][0], engine="pyogrio", layer=path.stem,
+                    geometry_type=_geometry_type(features), **({"RFC7946": "YES"} if rfc_7946 else {}),
+                )
     return len(features)
 
 
