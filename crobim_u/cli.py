@@ -40,7 +40,7 @@ def _cuda_available() -> bool:
 def _evaluate(args: argparse.Namespace) -> int:
     from .data import load_referring_dataset
     from .inference.evaluation import evaluate_referring_segmentation
-    from .inference.loading import load_checkpoint
+    from .inference.loading import load_checkpoint_or_exit
     from .metrics import format_metric_table
 
     dataset = load_referring_dataset(args.dataset, args.data_dir)
@@ -49,7 +49,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     split = dataset[args.split]
     if args.limit is not None:
         split = split.select(range(min(args.limit, len(split))))
-    model, processor = load_checkpoint(args.model, args.device)
+    model, processor = load_checkpoint_or_exit(args.model, args.device)
     results = evaluate_referring_segmentation(
         model, processor, split, batch_size=args.batch_size, size=args.size, strict=args.strict,
         uncertainty_metrics=args.uncertainty_metrics, progress=args.progress,
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_parser(subparsers)
     from .training.run import add_train_parser
     add_train_parser(subparsers)
+    from .data.check import add_check_data_parser
+    add_check_data_parser(subparsers)
     from .demo import add_demo_parser
     add_demo_parser(subparsers)
     from .inference.predict import add_predict_parser

@@ -15,7 +15,7 @@ import crobim_u.inference.predict as predict_module
 from crobim_u.cli import build_parser, main
 from crobim_u.inference.geo import (
     GeoTiffScene,
-    mask_to_geojson,
+    mask_to_features,
     stretch_to_uint8,
     write_mask_geotiff,
     write_uncertainty_geotiff,
@@ -28,6 +28,7 @@ needs_rasterio = pytest.mark.skipif(
 )
 if importlib.util.find_spec("rasterio") is not None:
     import rasterio
+    import rasterio.warp
     from affine import Affine
 
     TRANSFORM = Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4000000.0)  # 0.5 m pixels, north up
@@ -59,10 +60,19 @@ def corner(col: float, row: float) -> tuple[float, float]:
     return TRANSFORM.c + TRANSFORM.a * col, TRANSFORM.f + TRANSFORM.e * row
 
 
+def feature_points(features) -> np.ndarray:
+    """Every vertex of a GeoDataFrame's (Multi)Polygons, as an `(N, 2)` array."""
+    import shapely
+
+    return shapely.get_coordinates(features.geometry.values)
+
+
 def geojson_points(path) -> np.ndarray:
+    import shapely
+
     collection = json.loads(open(path).read())
-    return np.array([point for feature in collection["features"] for ring in feature["geometry"]["coordinates"]
-                     for point in ring])
+    return np.concatenate([shapely.get_coordinates(shapely.geometry.shape(feature["geometry"]))
+                           for feature in collection["features"]])
 
 
 def assert_same_grid(path, reference):
@@ -155,11 +165,9 @@ def test_planted_roof_is_found_and_written_in_the_scene_crs(scene_path, tmp_path
         assert uncertainty.dtypes == ("float32",)
         np.testing.assert_allclose(uncertainty.read(1), result.uncertainty, atol=1e-3)
 
-    count = mask_to_geojson(tmp_path / "roof.geojson", result.mask, scene.transform, scene.crs, {"expression": "x"})
-    collection = json.loads((tmp_path / "roof.geojson").read_text())
-    assert count == 1 and collection["crs"]["properties"]["name"] == CRS
-    assert collection["features"][0]["properties"] == {"expression": "x"}
-    points = geojson_points(tmp_path / "roof.geojson")
+    features = mask_to_features(result.mask, scene.transform, scene.crs, expression="x")
+    assert len(features) == 1 and features.crs == CRS and features.expression.tolist() == ["x"]
+    points = feature_points(features)
     west, north = corner(left, top)
     east, south = corner(right, bottom)
     np.testing.assert_allclose(points.min(axis=0), [west, south])
@@ -173,11 +181,11 @@ def test_large_masks_are_traced_on_a_decimated_copy_inside_the_bounds(tmp_path):
     mask[:, 990:] = True  # a strip along the right border, narrower than a decimated cell
     mask[100:400, :500] = True  # a block on the left border
     mask[600:, 600:700] = True  # on the bottom border
-    count = mask_to_geojson(tmp_path / "mask.geojson", mask, TRANSFORM, max_pixels=100_000)
-    points = geojson_points(tmp_path / "mask.geojson")
+    features = mask_to_features(mask, TRANSFORM, objects="all", max_pixels=100_000)
+    points = feature_points(features)
     west, north = corner(0, 0)
     east, south = corner(width, height)
-    assert 1 <= count <= 3
+    assert 1 <= len(features) <= 3
     assert (points[:, 0] >= west).all() and (points[:, 0] <= east).all()
     assert (points[:, 1] >= south).all() and (points[:, 1] <= north).all()
     assert points[:, 0].min() == west and points[:, 1].min() == south  # the border is reached
@@ -193,15 +201,18 @@ def test_predict_cli_on_a_geotiff(scene_path, tmp_path):
                    str(tmp_path / "plain.tif")])
     assert status == 0
     record, plain = read_results(output)
-    assert plain["status"] == "ok" and plain["mask"].endswith(".png") and plain["geojson"] is None
+    assert plain["status"] == "ok" and plain["mask"].endswith(".png") and plain["vector"] is None
     assert record["status"] == "ok" and record["mode"] == "tiled" and record["crs"] == CRS
     assert (record["height"], record["width"]) == (700, 1000) and record["num_windows"] == 20
     assert_same_grid(record["mask"], scene_path)
     assert_same_grid(record["uncertainty"], scene_path)
-    points = geojson_points(record["geojson"])
-    west, north = corner(0, 0)
-    east, south = corner(1000, 700)
-    assert len(points) and (points >= [west, south]).all() and (points <= [east, north]).all()
+    # RFC 7946: longitude/latitude inside the scene's bounds in WGS 84.
+    points = geojson_points(record["vector"])
+    west, south, east, north = rasterio.warp.transform_bounds(CRS, "EPSG:4326", *rasterio.open(scene_path).bounds)
+    tolerance = 1e-7  # RFC 7946 files hold 7 decimals
+    assert len(points) and (points >= [west - tolerance, south - tolerance]).all()
+    assert (points <= [east + tolerance, north + tolerance]).all()
+    assert record["vector_format"] == "geojson" and record["num_features"] == 1
     with rasterio.open(record["mask"]) as mask:
         assert record["mask_area"] == int(mask.read(1).sum())
     with Image.open(record["overlay"]) as overlay:

@@ -71,7 +71,7 @@ def test_real_images_and_a_corrupt_file(checkpoint, tmp_path, capsys):
             assert uncertainty.size == size and uncertainty.mode == "RGB"
         with Image.open(record["overlay"]) as overlay:
             assert overlay.width == 2 * size[0]
-        assert 0 <= record["score"] <= 1 and record["geojson"] is None
+        assert 0 <= record["score"] <= 1 and record["vector"] is None
     assert {record["num_windows"] for record in records if record["status"] == "ok"} == {4, 9}
 
 
@@ -123,11 +123,11 @@ def test_small_images_go_through_the_processor_unchanged(checkpoint, tmp_path):
     assert record["score"] == pytest.approx(expected["score"], abs=1e-5)
 
 
-def test_no_inputs_found_is_a_failure(checkpoint, tmp_path, capsys):
+def test_no_inputs_found_is_a_failure(checkpoint, tmp_path):
     (tmp_path / "empty").mkdir()
-    status = main(["predict", "--model", checkpoint, "--output", str(tmp_path / "out"), "--expression", "the car",
-                   "--no-progress", str(tmp_path / "empty")])
-    assert status == 1 and "no input images found" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="error: no input images found in "):
+        main(["predict", "--model", checkpoint, "--output", str(tmp_path / "out"), "--expression", "the car",
+              "--no-progress", str(tmp_path / "empty")])
 
 
 def test_expand_inputs(tmp_path):
@@ -163,3 +163,139 @@ def test_output_names_of_same_named_inputs(checkpoint, tmp_path):
     assert status == 0
     names = sorted(path.name for path in output.glob("*_mask.png"))
     assert names == ["scene-2_0_the-red-car_mask.png", "scene_0_the-red-car_mask.png"]
+
+
+def test_a_one_pixel_high_image_gets_every_output(checkpoint, tmp_path):
+    # The overlay is downscaled to 2048 wide and 1 high: it keeps both axes.
+    image = random_image(5000, 1)
+    image.save(tmp_path / "thin.png")
+    status = main(["predict", "--model", checkpoint, "--output", str(tmp_path / "out"), "--expression", "the road",
+                   "--no-progress", str(tmp_path / "thin.png")])
+    assert status == 0
+    (record,) = read_results(tmp_path / "out")
+    assert record["status"] == "ok" and record["error"] is None
+    for field, size in (("mask", (5000, 1)), ("uncertainty", (5000, 1)), ("overlay", (2 * 2048, 1 + 14))):
+        with Image.open(record[field]) as picture:
+            assert picture.size == size, field
+
+
+def test_a_failed_overlay_keeps_the_mask_and_is_recorded(checkpoint, tmp_path, monkeypatch, capsys):
+    from crobim_u.inference import predict
+
+    def broken_overlay(*args, **kwargs):
+        raise RuntimeError("no room for the picture")
+
+    random_image(40, 30).save(tmp_path / "scene.png")
+    monkeypatch.setattr(predict, "draw_overlay", broken_overlay)
+    arguments = ["predict", "--model", checkpoint, "--output", str(tmp_path / "out"), "--expression", "the car",
+                 "--no-progress", str(tmp_path / "scene.png")]
+    assert main(arguments) == 1
+    (record,) = read_results(tmp_path / "out")
+    assert record["status"] == "partial" and record["overlay"] is None
+    assert record["error"] == "overlay: RuntimeError: no room for the picture"
+    with Image.open(record["mask"]) as mask, Image.open(record["uncertainty"]) as uncertainty:
+        assert mask.size == uncertainty.size == (40, 30)
+    assert not list((tmp_path / "out").glob("*overlay*")) and not list((tmp_path / "out").glob(".*"))
+    assert f"PARTIAL {tmp_path / 'scene.png'}: overlay: RuntimeError" in capsys.readouterr().out
+    # A partial input is not done: --resume writes its overlay once drawing works again.
+    monkeypatch.undo()
+    assert main([*arguments, "--resume"]) == 0
+    (record,) = read_results(tmp_path / "out")
+    assert record["status"] == "ok" and Image.open(record["overlay"]).size == (80, 30 + 14)
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("{tmp}/no/such/model", "error: {tmp}/no/such/model does not exist; expected a checkpoint folder (with "
+                                "config.json and model.safetensors) or a Hub model id (user/model)."),
+        ("{tmp}/scene.png", "error: {tmp}/scene.png is a file; expected a checkpoint folder"),
+        ("no-such-user/no-such-model", "error: no-such-user/no-such-model is not a local folder, and loading it as a "
+                                       "Hub model id failed: "),
+    ],
+)
+def test_a_model_that_is_not_there_is_named(tmp_path, model, message):
+    random_image(40, 30).save(tmp_path / "scene.png")
+    model = model.format(tmp=tmp_path)
+    with pytest.raises(SystemExit) as raised:
+        main(["predict", "--model", model, "--output", str(tmp_path / "out"), "--expression", "the car",
+              "--no-progress", str(tmp_path / "scene.png")])
+    assert str(raised.value.code).startswith(message.format(tmp=tmp_path))
+
+
+def refuse_model_loading(monkeypatch):
+    from crobim_u.inference import predict
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(predict, "load_checkpoint_or_exit", fail)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--expression", "the car", "--expression", " "],
+         "error: --expression number 2 is empty; a referring expression needs words."),
+        (["--expression", "the car", "--output", "{tmp}/taken"],
+         "error: {tmp}/taken is an existing file; the output must be a folder (created if missing)."),
+        (["--expression", "the car", "--overlap", "1.5"], "error: overlap must lie in [0, 1), got 1.5."),
+        (["--expression", "the car", "--threshold", "1"], "error: threshold must lie in (0, 1), got 1.0."),
+        (["--expression", "the car", "--window", "0"], "error: window must be positive, got (0, 0)."),
+        (["--expression", "the car", "--stretch", "90,10"],
+         "error: percentiles must satisfy 0 <= low < high <= 100, got (90.0, 10.0)."),
+    ],
+)
+def test_bad_arguments_are_refused_once_before_the_model_loads(tmp_path, monkeypatch, flags, message):
+    refuse_model_loading(monkeypatch)
+    (tmp_path / "taken").write_text("")
+    inputs = []
+    for index in range(3):
+        random_image(40, 30).save(tmp_path / f"scene{index}.png")
+        inputs.append(str(tmp_path / f"scene{index}.png"))
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    if "--output" not in flags:
+        flags += ["--output", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as raised:
+        main(["predict", "--model", "unused", "--no-progress", *flags, *inputs])
+    assert raised.value.code == message.format(tmp=tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_files_refuses_an_empty_expression_before_reading_inputs(tmp_path):
+    from crobim_u.inference.predict import predict_files
+
+    with pytest.raises(ValueError, match="Expression 1 is empty or whitespace only"):
+        predict_files(None, make_processor(), [tmp_path / "missing.png"], ["the car", ""], tmp_path / "out")
+    with pytest.raises(NotADirectoryError, match="is an existing file; the output must be a folder"):
+        (tmp_path / "file").write_text("")
+        predict_files(None, make_processor(), [tmp_path / "missing.png"], ["the car"], tmp_path / "file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_of_subfolders_says_how_to_include_them(checkpoint, tmp_path, monkeypatch, capsys):
+    (tmp_path / "scenes" / "2024").mkdir(parents=True)
+    random_image(40, 30).save(tmp_path / "scenes" / "2024" / "scene.png")
+    arguments = ["predict", "--model", checkpoint, "--output", str(tmp_path / "out"), "--expression", "the car",
+                 "--no-progress", str(tmp_path / "scenes")]
+    with monkeypatch.context() as patch:
+        refuse_model_loading(patch)
+        with pytest.raises(SystemExit) as raised:
+            main(arguments)
+    assert str(raised.value.code).startswith(f"error: no input images found in {tmp_path / 'scenes'} (image suffixes")
+    assert str(raised.value.code).endswith(
+        "Subfolders of folder inputs are not searched; add --recursive to include them."
+    )
+    assert main([*arguments, "--recursive"]) == 0
+    (record,) = read_results(tmp_path / "out")
+    assert record["input"] == str(tmp_path / "scenes" / "2024" / "scene.png") and record["status"] == "ok"
+
+
+def test_expand_inputs_recursive(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("top.png", "a/mid.jpg", "a/b/deep.tif", "a/b/notes.md"):
+        (tmp_path / name).write_bytes(b"")
+    assert expand_inputs([tmp_path]) == [str(tmp_path / "top.png")]
+    assert expand_inputs([tmp_path], recursive=True) == [
+        str(tmp_path / "a" / "b" / "deep.tif"), str(tmp_path / "a" / "mid.jpg"), str(tmp_path / "top.png")
+    ]

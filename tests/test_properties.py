@@ -1,6 +1,8 @@
-"""Property tests of the image processor and post-processing: over random sizes (1 to 3000 a side), PIL modes, dtypes
-and layouts, only the documented exceptions are raised, and results always come back at the input's size."""
+"""Property tests of the image processor, post-processing and `crobim-u predict`: over random sizes (1 to 3000 a side;
+1 to 10,000 for predict's files), PIL modes, dtypes and layouts, only the documented exceptions are raised, and
+results always come back at the input's size."""
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,6 +15,7 @@ from PIL import Image
 from test_processing import WORDS, make_processor
 
 from crobim_u import CrobimUImageProcessor
+from crobim_u.inference.predict import OVERLAY_MAX_SIDE, PredictOptions, predict_files
 
 
 SIZE = 64
@@ -250,3 +253,88 @@ def test_model_predictions_come_back_at_the_image_size(model_and_processor, size
         results = processor.post_process_referring_segmentation(model(**inputs), target_sizes=sizes_)
     assert [tuple(result["mask"].shape) for result in results] == [size, size]
     assert all(result["uncertainty"].shape == size for result in results)
+
+
+# Predict's files: sides from 1 to 10,000 (extreme aspect ratios), at most this many pixels per scene.
+PREDICT_SIDE = st.one_of(st.integers(1, 64), st.sampled_from([1, 2, 2047, 2048, 2049, 4097, 10_000]),
+                         st.integers(1, 10_000))
+PREDICT_MAX_AREA = 200_000
+
+
+def overlay_size(height: int, width: int) -> tuple[int, int]:
+    """The documented size of an overlay: the scene at most OVERLAY_MAX_SIDE on its long side, each side at least 1;
+    two panels (mask, uncertainty) side by side under a title strip of max(14, h // 16) pixels."""
+    scale = max(1.0, max(height, width) / OVERLAY_MAX_SIDE)
+    panel_height, panel_width = max(1, round(height / scale)), max(1, round(width / scale))
+    return 2 * panel_width, panel_height + max(14, panel_height // 16)
+
+
+@st.composite
+def predict_scenes(draw) -> tuple[int, int, str, PredictOptions]:
+    """A scene size, its kind (PNG or GeoTIFF) and the options of every output path: tiling, vector format, objects."""
+    height, width = draw(PREDICT_SIDE), draw(PREDICT_SIDE)
+    if height * width > PREDICT_MAX_AREA:
+        if draw(st.booleans()):
+            width = max(1, PREDICT_MAX_AREA // height)
+        else:
+            height = max(1, PREDICT_MAX_AREA // width)
+    options = PredictOptions(
+        tile=draw(st.sampled_from(["auto", "never"])),
+        vector_format=draw(st.sampled_from([None, "geojson", "gpkg", "shp", "parquet"])),
+        objects=draw(st.sampled_from(["mask", "all", "best"])),
+    )
+    return height, width, draw(st.sampled_from(["png", "geotiff"])), options
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=predict_scenes())
+@example(case=(1, 10_000, "png", PredictOptions(vector_format="gpkg", objects="all")))
+@example(case=(10_000, 1, "geotiff", PredictOptions()))
+@example(case=(1, 1, "geotiff", PredictOptions(tile="never", vector_format="shp", objects="best")))
+@example(case=(20, 10_000, "png", PredictOptions(tile="never")))
+def test_predict_writes_every_output_at_the_scene_size(model_and_processor, tmp_path_factory, case):
+    import geopandas
+
+    height, width, kind, options = case
+    model, processor = model_and_processor
+    folder = tmp_path_factory.mktemp("scene")
+    pixels = np.random.default_rng(height * 10_007 + width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    if kind == "png":
+        path = folder / "scene.png"
+        Image.fromarray(pixels).save(path)
+    else:
+        import rasterio
+        from affine import Affine
+
+        path = folder / "scene.tif"
+        with rasterio.open(path, "w", driver="GTiff", height=height, width=width, count=3, dtype="uint8",
+                           crs="EPSG:32633", transform=Affine(0.5, 0, 500000, 0, -0.5, 4000000)) as destination:
+            destination.write(np.moveaxis(pixels, -1, 0))
+    records = predict_files(model, processor, [path], ["the red car", "the large building"], folder / "out", options,
+                            progress=False)
+    assert [record["status"] for record in records] == ["ok", "ok"], records
+    for record in records:
+        for field in ("mask", "uncertainty"):
+            if kind == "png":
+                with Image.open(record[field]) as picture:
+                    assert picture.size == (width, height), field
+            else:
+                with rasterio.open(record[field]) as raster:
+                    assert raster.shape == (height, width), field
+        with Image.open(record["overlay"]) as overlay:
+            assert overlay.size == overlay_size(height, width)
+        vector_format = options.vector_format or ("geojson" if kind == "geotiff" else None)
+        if vector_format is None:
+            assert record["vector"] is None
+            continue
+        path = record["vector"]
+        features = geopandas.read_parquet(path) if vector_format == "parquet" else geopandas.read_file(path)
+        assert len(features) == record["num_features"] and (record["mask_area"] == 0) == features.empty
+        if options.objects != "all":
+            assert len(features) <= 1
+        if kind == "png":
+            # Pixel coordinates; GeoJSON cannot say "no CRS", and its readers take WGS 84.
+            assert features.crs == ("EPSG:4326" if vector_format == "geojson" else None)
+            assert (features.total_bounds <= [width, height, width, height]).all()
+        else:
+            assert features.crs == ("EPSG:4326" if vector_format == "geojson" else "EPSG:32633")

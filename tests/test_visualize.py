@@ -42,3 +42,13 @@ def test_heatmap_runs_from_dark_to_bright():
 def test_overlay_rejects_a_mask_of_another_size():
     with pytest.raises(ValueError, match=r"mask has shape \(10, 10\), but the image is 20x30"):
         draw_overlay(Image.new("RGB", (30, 20)), np.zeros((10, 10)))
+
+
+@pytest.mark.parametrize("height, width", [(1, 300), (300, 1), (1, 1)])
+def test_overlay_of_a_one_pixel_side_keeps_both_axes(height, width):
+    image = Image.new("RGB", (width, height))
+    mask = torch.ones(1, 1, height, width, dtype=torch.bool)  # leading batch and channel axes are dropped
+    picture = draw_overlay(image, mask, np.full((height, width), 0.5, np.float32))
+    assert picture.size == (2 * width, height)
+    red, green, blue = np.asarray(picture)[0, 0]
+    assert red > 50 and green < red and blue < red  # filled: the whole picture is mask

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedConfig
 
@@ -55,6 +57,22 @@ def weights_problem(folder: str | os.PathLike) -> str | None:
     return None
 
 
+def check_model_location(path: str | os.PathLike) -> None:
+    """
+    Raises an `OSError` naming `path` when it can be neither a checkpoint folder nor a Hub model id: a file, or a
+    path that does not exist and is not spelled like a Hub id (`namespace/name`).
+    """
+    if os.path.isdir(path):
+        return
+    expected = "expected a checkpoint folder (with config.json and model.safetensors) or a Hub model id (user/model)"
+    if os.path.exists(path):
+        raise NotADirectoryError(f"{path} is a file; {expected}.")
+    try:
+        validate_repo_id(os.fspath(path))
+    except HFValidationError:
+        raise FileNotFoundError(f"{path} does not exist; {expected}.") from None
+
+
 def check_crobim_u_checkpoint(path: str | os.PathLike) -> None:
     """
     Raises a `ValueError` unless the `config.json` of `path` (a folder or Hub id) is a CroBIM-U config.
@@ -62,7 +80,13 @@ def check_crobim_u_checkpoint(path: str | os.PathLike) -> None:
     `CrobimUConfig.from_pretrained` only warns about another `model_type`, and `AutoModel` builds that other
     architecture, so a wrong folder would otherwise fail later with an unrelated error, or not at all.
     """
-    config_dict, _ = PreTrainedConfig.get_config_dict(path)
+    check_model_location(path)
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(path)
+    except OSError as error:
+        if os.path.isdir(path):
+            raise
+        raise OSError(f"{path} is not a local folder, and loading it as a Hub model id failed: {error}") from error
     model_type = config_dict.get("model_type")
     if model_type != CrobimUConfig.model_type:
         raise ValueError(
@@ -90,4 +114,15 @@ def load_checkpoint(
     return model, CrobimUProcessor.from_pretrained(path)
 
 
-__all__ = ["check_crobim_u_checkpoint", "load_checkpoint", "weights_problem"]
+def load_checkpoint_or_exit(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[CrobimUForReferringSegmentation, CrobimUProcessor]:
+    """[`load_checkpoint`] for the command line: a checkpoint that cannot be loaded exits with its message alone."""
+    try:
+        return load_checkpoint(path, device)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+__all__ = ["check_crobim_u_checkpoint", "check_model_location", "load_checkpoint", "load_checkpoint_or_exit",
+           "weights_problem"]

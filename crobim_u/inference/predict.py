@@ -2,7 +2,8 @@
 `crobim-u predict`: referring segmentation of image files, folders, list files and GeoTIFF scenes of any size.
 
 For each input and expression it writes a mask, an uncertainty map and an overlay picture, and appends a record to
-`results.jsonl`. A file that cannot be read or segmented is recorded as failed and skipped; the others go on.
+`results.jsonl`. A file that cannot be read or segmented is recorded as failed and skipped; the others go on. An
+optional output (the overlay, the GeoJSON) that fails is recorded in its input's record, beside the outputs written.
 
 Every output file is written to a hidden temporary file and renamed into place, and an input's records are appended
 only once all its files are in place: a run killed at any moment leaves no half-written output under a final name,
@@ -12,23 +13,47 @@ and `--resume` skips exactly the inputs whose records and files are complete.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .geo import GeoTiffScene, is_georeferenced_tiff, mask_to_geojson, write_mask_geotiff, write_uncertainty_geotiff
-from .loading import load_checkpoint
-from .tiling import MODES, ArrayScene, SceneReader, SceneResult, model_input_size, predict_scene
+from .atomic import atomic_output, remove_partial_outputs
+from .geo import (
+    OBJECT_MODES,
+    VECTOR_FORMATS,
+    GeoTiffScene,
+    check_vector_options,
+    is_georeferenced_tiff,
+    is_remote,
+    mask_to_features,
+    parse_crs,
+    require_vector_libraries,
+    write_features,
+    write_mask_geotiff,
+    write_uncertainty_geotiff,
+)
+from .loading import load_checkpoint_or_exit
+from .tiling import (
+    MODES,
+    ArrayScene,
+    SceneReader,
+    SceneResult,
+    check_tiling_options,
+    model_input_size,
+    predict_scene,
+)
 from .visualize import draw_overlay, heatmap
 
 
@@ -45,9 +70,7 @@ BYTES_PER_PIXEL = 9
 RESULTS_FILE = "results.jsonl"
 # Fast PNG compression: level 6 (Pillow's default) spends several times longer for ~10% smaller files.
 PNG_OPTIONS = {"compress_level": 1}
-# Outputs are written under this name first (hidden, beside their final name) and renamed when complete.
-PARTIAL_MARK = ".partial"
-OUTPUT_FIELDS = ("mask", "uncertainty", "overlay", "geojson")
+OUTPUT_FIELDS = ("mask", "uncertainty", "overlay", "vector")
 
 
 @dataclass
@@ -64,6 +87,20 @@ class PredictOptions:
         threshold (`float`): Probability above which a pixel is in the mask.
         bands (`tuple[int, ...]`, *optional*): 1-based bands of raster inputs.
         percentiles (`tuple[float, float]`): Stretch of non-uint8 raster inputs.
+        recursive (`bool`): Whether folder inputs include the images of their subfolders.
+        vector_format (`str`, *optional*): Vector output of every input, one of `geo.VECTOR_FORMATS`; by default
+            GeoJSON for georeferenced inputs and none for plain images.
+        objects (`str`): Vector features: `"mask"` (the whole mask, one feature), `"all"` (one per connected object)
+            or `"best"` (the object with the highest score); see [`~geo.mask_to_features`].
+        simplify (`float`): Simplification tolerance of the polygons in CRS units (pixels for plain images); 0: none.
+        min_area (`float`): Objects of a smaller area (square metres in a metric CRS, pixels for plain images) are
+            left out of the vector output.
+        dst_crs (`str`, *optional*): CRS (e.g. `"EPSG:3857"`) to which the rasters and vectors of inputs with a CRS
+            are reprojected.
+
+    Raises:
+        `ValueError`: A setting out of its range, named with the value given, or an unknown CRS.
+        `ImportError`: A vector format or `dst_crs` without the `geo` extra installed.
     """
 
     tile: str = "auto"
@@ -74,24 +111,47 @@ class PredictOptions:
     threshold: float = 0.5
     bands: tuple[int, ...] | None = None
     percentiles: tuple[float, float] = (2.0, 98.0)
+    recursive: bool = False
+    vector_format: str | None = None
+    objects: str = "mask"
+    simplify: float = 0.0
+    min_area: float = 0.0
+    dst_crs: str | None = None
+
+    def __post_init__(self):
+        if self.tile not in ("auto", "always", "never"):
+            raise ValueError(f"tile must be 'auto', 'always' or 'never', got {self.tile!r}.")
+        window = None if self.window is None else (self.window, self.window)
+        check_tiling_options(self.mode, self.overlap, self.batch_size, self.threshold, window=window)
+        if not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}.")
+        check_vector_options(self.vector_format, self.objects, self.simplify, self.min_area)
+        if self.vector_format is not None:
+            require_vector_libraries()
+        if self.dst_crs is not None:
+            parse_crs(self.dst_crs)
 
 
-def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
+def expand_inputs(inputs: Sequence[str | os.PathLike], recursive: bool = False) -> list[str]:
     """
-    Image paths from `inputs`: files as given; folders become their image files (by suffix, sorted, not recursive);
-    `.txt` files are lists of paths or folders, one per line (relative to the list's folder; blank lines and lines
-    starting with `#` skipped). Missing paths are kept, to be reported as failures.
+    Image paths from `inputs`: files and `http(s)://` URLs as given; folders become their image files (by suffix,
+    sorted; with `recursive`, those of every subfolder too, else none of them); `.txt` files are lists of paths or
+    folders, one per line (relative to the list's folder; blank lines and lines starting with `#` skipped). Missing
+    paths are kept, to be reported as failures.
     """
     paths: list[str] = []
     for item in inputs:
+        if is_remote(item):
+            paths.append(item)
+            continue
         path = Path(item)
         if path.is_dir():
-            children = sorted(child for child in path.iterdir() if child.is_file())
+            children = sorted(child for child in (path.rglob("*") if recursive else path.iterdir()) if child.is_file())
             paths.extend(str(child) for child in children if child.suffix.lower() in IMAGE_SUFFIXES)
         elif path.suffix.lower() == ".txt" and path.is_file():
             lines = [line.strip() for line in path.read_text().splitlines()]
             entries = [path.parent / line for line in lines if line and not line.startswith("#")]
-            paths.extend(expand_inputs([entry for entry in entries if entry.suffix.lower() != ".txt"]))
+            paths.extend(expand_inputs([entry for entry in entries if entry.suffix.lower() != ".txt"], recursive))
         else:
             paths.append(str(path))
     return paths
@@ -101,10 +161,13 @@ def open_scene(
     path: str | os.PathLike, bands: Sequence[int] | None = None, percentiles: tuple[float, float] = (2.0, 98.0)
 ) -> SceneReader:
     """
-    Opens an input: TIFFs with rasterio as a lazy [`GeoTiffScene`] (band choice and stretch apply); other images, and
-    plain TIFFs when rasterio is missing, with PIL into memory. A georeferenced or PIL-unreadable TIFF without
-    rasterio raises the `ImportError` that names the `geo` extra.
+    Opens an input: TIFFs and URLs with rasterio as a lazy [`GeoTiffScene`] (band choice and stretch apply; a URL is
+    read by HTTP range requests, window by window); other images, and plain TIFFs when rasterio is missing, with PIL
+    into memory. A URL, or a georeferenced or PIL-unreadable TIFF, without rasterio raises the `ImportError` that names
+    the `geo` extra.
     """
+    if is_remote(path):
+        return GeoTiffScene(path, bands=bands, percentiles=percentiles)
     if Path(path).suffix.lower() in TIFF_SUFFIXES:
         try:
             return GeoTiffScene(path, bands=bands, percentiles=percentiles)
@@ -139,86 +202,116 @@ def _heatmap_image(values: np.ndarray) -> Image.Image:
 
 
 class _OverlayPicture:
-    """The scene at most `OVERLAY_MAX_SIDE` pixels on its long side, read once per input, and the sampling of maps."""
+    """
+    The scene at most `OVERLAY_MAX_SIDE` pixels on its long side (each side at least 1), read at the first drawing
+    and kept for the input's other expressions, and the sampling of full-size maps to its grid.
+    """
 
     def __init__(self, scene: SceneReader):
+        self.scene = scene
         height, width = scene.height, scene.width
         scale = max(1.0, max(height, width) / OVERLAY_MAX_SIDE)
-        shape = (max(1, round(height / scale)), max(1, round(width / scale)))
-        self.image = Image.fromarray(scene.read(0, 0, height, width, None if scale == 1 else shape))
-        self.rows = (np.arange(shape[0]) * height // shape[0]) if scale > 1 else slice(None)
-        self.cols = (np.arange(shape[1]) * width // shape[1]) if scale > 1 else slice(None)
+        self.shape = None if scale == 1 else (max(1, round(height / scale)), max(1, round(width / scale)))
+        self.rows = slice(None) if self.shape is None else np.arange(self.shape[0]) * height // self.shape[0]
+        self.cols = slice(None) if self.shape is None else np.arange(self.shape[1]) * width // self.shape[1]
+
+    @functools.cached_property
+    def image(self) -> Image.Image:
+        return Image.fromarray(self.scene.read(0, 0, self.scene.height, self.scene.width, self.shape))
 
     def sample(self, values: np.ndarray | None) -> np.ndarray | None:
         if values is None:
             return None
-        if isinstance(self.rows, slice):
+        if self.shape is None:
             return values
         return values[self.rows][:, self.cols]
 
-
-@contextmanager
-def _atomic_output(path: str | os.PathLike) -> Iterator[str]:
-    """
-    Yields a temporary path beside `path` to write to, and renames it to `path` once the writing succeeded.
-
-    The rename (`os.replace`) is atomic: `path` either does not exist or is complete, whenever the process dies.
-    """
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}{PARTIAL_MARK}")
-    try:
-        yield str(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    def draw(self, result: SceneResult) -> Image.Image:
+        """The overlay picture of `result`: its mask on the scene, its uncertainty beside it, the expression above."""
+        uncertainty = self.sample(result.uncertainty)
+        return draw_overlay(
+            self.image,
+            self.sample(result.mask),
+            None if uncertainty is None else uncertainty.astype(np.float32),
+            result.expression,
+        )
 
 
 def _save_png(image: Image.Image, path: str) -> None:
-    with _atomic_output(path) as temporary:
+    with atomic_output(path) as temporary:
         image.save(temporary, format="PNG", **PNG_OPTIONS)
 
 
 def _write_atomically(write: Callable[..., Any], path: str, *args: Any) -> Any:
-    with _atomic_output(path) as temporary:
+    with atomic_output(path) as temporary:
         return write(temporary, *args)
 
 
+def _write_optional(record: dict[str, Any], field: str, path: str, write: Callable[[str], Any]) -> Any:
+    """
+    Writes an optional output with `write(path)`; on failure records the error in `record` instead of raising, so
+    that the outputs already written stay listed.
+    """
+    try:
+        written = write(path)
+    except Exception as error:  # an optional picture or vector file never costs the input its mask
+        record["status"] = "partial"
+        message = f"{field}: {type(error).__name__}: {error}"
+        record["error"] = message if record["error"] is None else f"{record['error']}; {message}"
+        return None
+    record[field] = path
+    return written
+
+
 def _write_outputs(
-    result: SceneResult, scene: SceneReader, overlay: _OverlayPicture, base: Path, record: dict[str, Any]
+    result: SceneResult,
+    scene: SceneReader,
+    overlay: _OverlayPicture,
+    base: Path,
+    record: dict[str, Any],
+    options: PredictOptions,
 ) -> None:
-    """Writes one result's mask, uncertainty, overlay (and GeoJSON for georeferenced inputs) and fills `record`."""
+    """
+    Writes one result's mask and uncertainty, then its optional outputs (the vector file, by default for
+    georeferenced inputs only, and the overlay), and fills `record`: a failed optional output makes it `"partial"`
+    with the error named.
+    """
     georeferenced = isinstance(scene, GeoTiffScene) and scene.georeferenced
+    # Only a scene with a CRS can be reprojected.
+    dst_crs = parse_crs(options.dst_crs) if options.dst_crs and georeferenced and scene.crs is not None else None
     if georeferenced:
         record["mask"] = f"{base}_mask.tif"
-        _write_atomically(write_mask_geotiff, record["mask"], result.mask, scene.crs, scene.transform)
+        _write_atomically(write_mask_geotiff, record["mask"], result.mask, scene.crs, scene.transform, dst_crs)
         if result.uncertainty is not None:
             record["uncertainty"] = f"{base}_uncertainty.tif"
             _write_atomically(
-                write_uncertainty_geotiff, record["uncertainty"], result.uncertainty, scene.crs, scene.transform
+                write_uncertainty_geotiff, record["uncertainty"], result.uncertainty, scene.crs, scene.transform,
+                dst_crs,
             )
-        record["geojson"] = f"{base}_mask.geojson"
-        record["num_polygons"] = _write_atomically(
-            mask_to_geojson, record["geojson"], result.mask, scene.transform, scene.crs,
-            {"expression": result.expression},
-        )
-        record["crs"] = None if scene.crs is None else scene.crs.to_string()
+        output_crs = dst_crs or scene.crs
+        record["crs"] = None if output_crs is None else output_crs.to_string()
     else:
         record["mask"] = f"{base}_mask.png"
         _save_png(Image.fromarray(result.mask.view(np.uint8) * np.uint8(255)), record["mask"])
         if result.uncertainty is not None:
             record["uncertainty"] = f"{base}_uncertainty.png"
             _save_png(_heatmap_image(result.uncertainty), record["uncertainty"])
-    record["overlay"] = f"{base}_overlay.png"
-    uncertainty = overlay.sample(result.uncertainty)
-    _save_png(
-        draw_overlay(
-            overlay.image,
-            overlay.sample(result.mask),
-            None if uncertainty is None else uncertainty.astype(np.float32),
-            result.expression,
-        ),
-        record["overlay"],
-    )
+    vector_format = options.vector_format or ("geojson" if georeferenced else None)
+    if vector_format is not None:
+        record["vector_format"] = vector_format
+
+        def write_vector(path: str) -> int:
+            features = mask_to_features(
+                result.mask, scene.transform if georeferenced else None, scene.crs if georeferenced else None,
+                result.probability, result.uncertainty, objects=options.objects, expression=result.expression,
+                source=record["input"], simplify=options.simplify, min_area=options.min_area,
+            )
+            return write_features(features, path, vector_format, dst_crs)
+
+        record["num_features"] = _write_optional(
+            record, "vector", f"{base}_mask{VECTOR_FORMATS[vector_format][1]}", write_vector
+        )
+    _write_optional(record, "overlay", f"{base}_overlay.png", lambda path: _save_png(overlay.draw(result), path))
 
 
 def _predict_input(
@@ -240,7 +333,7 @@ def _predict_input(
         window = model_input_size(processor) if options.window is None else (options.window, options.window)
         mode = choose_mode(scene.height, scene.width, window, options)
         per_pass = max(1, MEMORY_BUDGET // (BYTES_PER_PIXEL * scene.height * scene.width))
-        overlay = None
+        overlay = _OverlayPicture(scene)
         for first in range(0, len(expressions), per_pass):
             group = expressions[first : first + per_pass]
             start = time.perf_counter()
@@ -249,8 +342,6 @@ def _predict_input(
                 batch_size=options.batch_size, mode=mode, threshold=options.threshold, progress=progress,
             )
             seconds = (time.perf_counter() - start) / len(group)
-            if overlay is None:
-                overlay = _OverlayPicture(scene)
             for index, result in enumerate(results, start=first):
                 area = int(np.count_nonzero(result.mask))
                 record = _record(path, result.expression, "ok")
@@ -260,7 +351,7 @@ def _predict_input(
                     seconds=round(seconds, 3),
                 )
                 base = output_dir / f"{stem}_{index}_{_slug(result.expression)}"
-                _write_outputs(result, scene, overlay, base, record)
+                _write_outputs(result, scene, overlay, base, record, options)
                 records.append(record)
             del results, result  # the next pass allocates its own scene-sized arrays
 
@@ -278,7 +369,7 @@ def _unique_stem(stem: str, taken: set[str]) -> str:
 def _record(path: str, expression: str, status: str, error: str | None = None) -> dict[str, Any]:
     return {
         "input": path, "expression": expression, "status": status, "error": error, "mask": None,
-        "uncertainty": None, "overlay": None, "geojson": None, "score": None, "mask_area": None,
+        "uncertainty": None, "overlay": None, "vector": None, "score": None, "mask_area": None,
     }
 
 
@@ -320,10 +411,17 @@ def completed_records(
     return done
 
 
-def _remove_partial_outputs(output_dir: Path) -> None:
-    """Deletes the temporary files of a killed run (see `_atomic_output`)."""
-    for path in output_dir.glob(f".*{PARTIAL_MARK}"):
-        path.unlink(missing_ok=True)
+def check_expressions(processor: Any, expressions: Sequence[str]) -> None:
+    """Raises a `ValueError` unless there is an expression and the processor's tokenizer accepts every one."""
+    if not expressions:
+        raise ValueError("Give at least one expression.")
+    processor(text=list(expressions))
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> None:
+    """Raises a `NotADirectoryError` when `output_dir` exists and is not a folder."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise NotADirectoryError(f"{output_dir} is an existing file; the output must be a folder (created if missing).")
 
 
 def predict_files(
@@ -340,12 +438,16 @@ def predict_files(
     Segments every expression in every input and writes the outputs to `output_dir`.
 
     Per input and expression (files named `<input stem>_<expression index>_<expression slug>_*`):
-    - georeferenced rasters: `_mask.tif` (uint8 0/1), `_uncertainty.tif` (float32 in [0, 1]), both with the input's
-      CRS and transform, and `_mask.geojson` (polygons in the input CRS);
+    - georeferenced rasters: `_mask.tif` (uint8 0/1), `_uncertainty.tif` (float32 in [0, 1]), both Cloud-Optimized
+      GeoTIFFs with the input's CRS and transform (or reprojected to `options.dst_crs`);
     - other images: `_mask.png` (0/255) and `_uncertainty.png` (a heatmap, dark blue 0 to yellow 1);
+    - `_mask.<ext>`: the vector features (see [`~geo.mask_to_features`], [`~geo.write_features`]) in
+      `options.vector_format`; by default RFC 7946 GeoJSON for georeferenced rasters and none for other images;
     - `_overlay.png`: the mask on the image beside the uncertainty, at most `OVERLAY_MAX_SIDE` pixels high.
-    One JSON line per input and expression goes to `results.jsonl`: input, expression, status (`"ok"` or
-    `"error"`), error, output paths, score, mask area (pixels) and fraction, size, mode, window count, seconds.
+    One JSON line per input and expression goes to `results.jsonl`: input, expression, status (`"ok"`; `"partial"`
+    when the mask and uncertainty were written but an optional output failed; `"error"`), error, output paths
+    (`None` for those not written), score, mask area (pixels) and fraction, size, mode, window count, seconds, and
+    for vector outputs their format and feature count, for georeferenced rasters the output CRS.
 
     Each file is written under a temporary name and renamed into place when complete, and an input's records are
     appended once all its files are in place, so a killed run never leaves a half-written output that counts as done.
@@ -364,26 +466,31 @@ def predict_files(
 
     Returns:
         `list[dict]`: The records written to `results.jsonl`, in input order.
+
+    Raises:
+        `ValueError`: No expression, or one the processor refuses (empty, whitespace only), before any input is read.
+        `NotADirectoryError`: `output_dir` is an existing file.
     """
     options = options or PredictOptions()
     expressions = list(expressions)
-    if not expressions:
-        raise ValueError("Give at least one expression.")
+    check_expressions(processor, expressions)
     output_dir = Path(output_dir)
+    check_output_dir(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    _remove_partial_outputs(output_dir)
-    paths = expand_inputs(inputs)
+    remove_partial_outputs(output_dir)
+    paths = expand_inputs(inputs, options.recursive)
     done = completed_records(output_dir, paths, expressions) if resume else {}
     if done and progress:
         tqdm.write(f"resume: {len(done)} of {len(paths)} inputs already done in {output_dir}, skipped")
     # The records kept from the earlier run replace results.jsonl in one rename; new records are appended to it.
-    with _atomic_output(output_dir / RESULTS_FILE) as temporary, open(temporary, "w") as results_file:
+    with atomic_output(output_dir / RESULTS_FILE) as temporary, open(temporary, "w") as results_file:
         results_file.writelines(json.dumps(record) + "\n" for path in paths for record in done.get(path, []))
     records: list[dict[str, Any]] = []
     stems: set[str] = set()
     with open(output_dir / RESULTS_FILE, "a") as results_file:
         for path in tqdm(paths, desc="predict", unit="input", disable=not progress):
-            stem = _unique_stem(Path(path).stem or "input", stems)  # every input takes its name, done or not
+            # Every input takes its name, done or not; a URL's name is that of its path.
+            stem = _unique_stem(Path(urlsplit(path).path if is_remote(path) else path).stem or "input", stems)
             if path in done:
                 records += done[path]
                 continue
@@ -426,6 +533,8 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, or .txt lists of paths")
+    parser.add_argument("--recursive", action="store_true",
+                        help="folder inputs include the images of their subfolders (by default only their own)")
     parser.add_argument("--model", required=True, help="checkpoint folder or Hub id")
     parser.add_argument("--expression", action="append", required=True,
                         help="referring expression (repeat the flag for several)")
@@ -446,6 +555,20 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
                              "interpretation)")
     parser.add_argument("--stretch", type=_float_pair, default=(2.0, 98.0), metavar="LOW,HIGH",
                         help="raster inputs: percentiles mapped to 0 and 255 for non-8-bit bands (default 2,98)")
+    parser.add_argument("--vector-format", "--vector_format", dest="vector_format", choices=list(VECTOR_FORMATS),
+                        help="vector file per input and expression: geojson (RFC 7946, WGS 84), gpkg, shp or parquet "
+                             "(GeoParquet) (default: geojson for georeferenced rasters, none for other images)")
+    parser.add_argument("--objects", default="mask", choices=list(OBJECT_MODES),
+                        help="vector features: mask (the whole mask, one feature; default), all (one per connected "
+                             "object) or best (the object with the highest mean probability)")
+    parser.add_argument("--simplify", type=float, default=0.0, metavar="TOLERANCE",
+                        help="simplify polygons to this tolerance in CRS units (pixels for plain images), keeping "
+                             "them valid")
+    parser.add_argument("--min-area", "--min_area", dest="min_area", type=float, default=0.0,
+                        help="leave out objects smaller than this (square metres in a metric CRS, pixels for plain "
+                             "images)")
+    parser.add_argument("--dst-crs", "--dst_crs", dest="dst_crs", metavar="CRS",
+                        help="reproject the rasters and vectors of georeferenced inputs, e.g. EPSG:3857")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--resume", action="store_true",
                         help="skip inputs that an earlier (possibly killed) run into --output completed: listed as ok "
@@ -457,29 +580,53 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
 def _predict(args: argparse.Namespace) -> int:
     import torch
 
+    # Every argument is checked before the model loads, so a bad one costs one message, not one per input.
+    try:
+        options = PredictOptions(
+            tile=args.tile, mode=args.mode, window=args.window, overlap=args.overlap, batch_size=args.batch_size,
+            threshold=args.threshold, bands=args.bands, percentiles=args.stretch, recursive=args.recursive,
+            vector_format=args.vector_format, objects=args.objects, simplify=args.simplify, min_area=args.min_area,
+            dst_crs=args.dst_crs,
+        )
+        for index, expression in enumerate(args.expression):
+            if not expression.strip():
+                raise ValueError(f"--expression number {index + 1} is empty; a referring expression needs words.")
+        check_output_dir(args.output)
+    except (ValueError, OSError, ImportError) as error:
+        raise SystemExit(f"error: {error}") from None
+    if not expand_inputs(args.inputs, args.recursive):
+        message = [f"error: no input images found in {', '.join(args.inputs)}",
+                   f"(image suffixes: {', '.join(IMAGE_SUFFIXES)})."]
+        if not args.recursive:
+            message.append("Subfolders of folder inputs are not searched; add --recursive to include them.")
+        raise SystemExit(" ".join(message))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = load_checkpoint(args.model, device)
-    options = PredictOptions(
-        tile=args.tile, mode=args.mode, window=args.window, overlap=args.overlap, batch_size=args.batch_size,
-        threshold=args.threshold, bands=args.bands, percentiles=args.stretch,
-    )
+    model, processor = load_checkpoint_or_exit(args.model, device)
+    try:
+        check_expressions(processor, args.expression)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     records = predict_files(
         model, processor, args.inputs, args.expression, args.output, options, args.progress, resume=args.resume
     )
-    failures = {record["input"]: record["error"] for record in records if record["status"] != "ok"}
+    problems: dict[str, dict[str, Any]] = {}  # per input, its first failed record, else its first partial one
+    for record in records:
+        earlier = problems.get(record["input"])
+        if record["status"] != "ok" and (earlier is None or earlier["status"] == "partial" != record["status"]):
+            problems[record["input"]] = record
+    failed = [path for path, record in problems.items() if record["status"] == "error"]
     inputs = list(dict.fromkeys(record["input"] for record in records))
     print(
-        f"{len(inputs)} inputs x {len(args.expression)} expressions: {len(inputs) - len(failures)} inputs done, "
-        f"{len(failures)} failed; results in {Path(args.output) / RESULTS_FILE}"
+        f"{len(inputs)} inputs x {len(args.expression)} expressions: {len(inputs) - len(problems)} inputs done, "
+        f"{len(problems) - len(failed)} partly done, {len(failed)} failed; results in "
+        f"{Path(args.output) / RESULTS_FILE}"
     )
-    for path, error in failures.items():
-        print(f"FAILED {path}: {error}")
-    if not inputs:
-        print("error: no input images found")
-    return 1 if failures or not inputs else 0
+    for path, record in problems.items():
+        print(f"{'FAILED' if record['status'] == 'error' else 'PARTIAL'} {path}: {record['error']}")
+    return 1 if problems else 0
 
 
 __all__ = [
-    "PredictOptions", "add_predict_parser", "choose_mode", "completed_records", "expand_inputs", "open_scene",
-    "predict_files",
+    "PredictOptions", "add_predict_parser", "check_expressions", "check_output_dir", "choose_mode", "completed_records",
+    "expand_inputs", "open_scene", "predict_files",
 ]

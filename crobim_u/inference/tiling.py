@@ -293,6 +293,27 @@ def model_input_size(processor: Any) -> tuple[int, int]:
     return int(size["height"]), int(size["width"])
 
 
+def check_tiling_options(
+    mode: str = "tiled",
+    overlap: float = 0.0,
+    batch_size: int = 1,
+    threshold: float = 0.5,
+    uncertainty_stride: int = 1,
+    window: Sequence[int] | None = None,
+) -> None:
+    """Raises a `ValueError` naming the first setting of [`predict_scene`] out of its range."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must lie in [0, 1), got {overlap}.")
+    if batch_size < 1 or uncertainty_stride < 1:
+        raise ValueError(f"batch_size and uncertainty_stride must be positive, got {batch_size}, {uncertainty_stride}.")
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must lie in (0, 1), got {threshold}.")
+    if window is not None and min(window) < 1:
+        raise ValueError(f"window must be positive, got {tuple(window)}.")
+
+
 def predict_scene(
     model: Any,
     processor: Any,
@@ -339,22 +360,14 @@ def predict_scene(
     Returns:
         [`SceneResult`], or a list of them (one per expression) when `expression` is a list.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must lie in [0, 1), got {overlap}.")
-    if batch_size < 1 or uncertainty_stride < 1:
-        raise ValueError(f"batch_size and uncertainty_stride must be positive, got {batch_size}, {uncertainty_stride}.")
-    if not 0 < threshold < 1:
-        raise ValueError(f"threshold must lie in (0, 1), got {threshold}.")
+    check_tiling_options(mode, overlap, batch_size, threshold, uncertainty_stride)
     single = isinstance(expression, str)
     expressions = [expression] if single else list(expression)
     scene = _as_scene(scene)
     height, width = scene.height, scene.width
     model_size = model_input_size(processor)
     window = model_size if window is None else (window, window) if isinstance(window, int) else tuple(window)
-    if min(window) < 1:
-        raise ValueError(f"window must be positive, got {window}.")
+    check_tiling_options(window=window)
     window = (min(window[0], height), min(window[1], width))
 
     device, dtype = _model_device_dtype(model)

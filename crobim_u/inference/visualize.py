@@ -25,11 +25,20 @@ def heatmap(values: np.ndarray) -> Image.Image:
     return Image.fromarray(colours.round().astype(np.uint8), mode="RGB")
 
 
+def _as_map(values: Any) -> np.ndarray:
+    """A PIL image, NumPy array or tensor as an array without its leading size-1 (batch, channel) axes."""
+    if hasattr(values, "detach"):
+        array = values.detach().cpu().numpy()
+    else:
+        array = np.asarray(values.convert("L") if isinstance(values, Image.Image) else values)
+    # Only leading axes go: a 1-pixel-high or -wide map keeps both of its axes.
+    while array.ndim > 2 and array.shape[0] == 1:
+        array = array[0]
+    return array
+
+
 def _as_bool_mask(mask: Any, size: tuple[int, int], name: str) -> np.ndarray:
-    array = np.asarray(mask.convert("L") if isinstance(mask, Image.Image) else mask)
-    if hasattr(mask, "detach"):
-        array = mask.detach().cpu().numpy()
-    array = np.squeeze(array)
+    array = _as_map(mask)
     if array.shape != (size[1], size[0]):
         raise ValueError(f"{name} has shape {array.shape}, but the image is {size[1]}x{size[0]} (height x width).")
     return array > 0
@@ -61,7 +70,8 @@ def draw_overlay(
 
     Args:
         image (`PIL.Image.Image`): The input image.
-        mask: The predicted mask, `(H, W)` (PIL, NumPy or torch), at the image's size.
+        mask: The predicted mask, `(H, W)` (PIL, NumPy or torch; leading size-1 axes such as `(1, 1, H, W)` are
+            dropped), at the image's size.
         uncertainty (*optional*): `(H, W)` values in [0, 1] at the image's size, e.g. the pipeline's `uncertainty`.
         expression (`str`, *optional*): Drawn above the panels.
         ground_truth (*optional*): The true mask, `(H, W)`, outlined in green.
@@ -78,8 +88,7 @@ def draw_overlay(
         panel = Image.fromarray(pixels)
     panels = [panel]
     if uncertainty is not None:
-        values = uncertainty.detach().cpu().numpy() if hasattr(uncertainty, "detach") else np.asarray(uncertainty)
-        values = np.squeeze(values)
+        values = _as_map(uncertainty)
         if values.shape != (image.height, image.width):
             raise ValueError(f"uncertainty has shape {values.shape}, but the image is {image.height}x{image.width}.")
         panels.append(heatmap(values))

@@ -111,6 +111,16 @@ class DataArguments:
         default=1, metadata={"help": "Synthetic rows per scene (consecutive rows share one image)."}
     )
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache for the synthetic data."})
+    check_data: bool = field(
+        default=True,
+        metadata={"help": "Read and prepare every row of the splits used before the first step; invalid rows stop "
+                  "the run with their list (or are dropped with --skip_invalid_rows)."},
+    )
+    skip_invalid_rows: bool = field(
+        default=False,
+        metadata={"help": "Drop the rows the data check finds invalid instead of stopping; their number goes to the "
+                  "log and the model card."},
+    )
 
     def loader_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `load_referring_dataset` for this data set."""

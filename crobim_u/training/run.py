@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, BertTokenizer, set_seed
 
 from ..configuration_crobim_u import CrobimUConfig
 from ..data import load_referring_dataset
+from ..data.check import InvalidRowsError, check_record, find_invalid_rows
 from ..image_processing_crobim_u import CrobimUImageProcessor
 from ..inference.loading import check_crobim_u_checkpoint
 from ..metrics import format_metric_table
@@ -159,6 +160,36 @@ def _limit(dataset, max_samples: int | None):
     return dataset if max_samples is None else dataset.select(range(min(max_samples, len(dataset))))
 
 
+def drop_invalid_rows(
+    datasets: dict[str, Any], collator: CrobimUDataCollator, source: str, skip: bool
+) -> dict[str, int]:
+    """
+    Reads and collates every row of each named split (see [`find_invalid_rows`]). Invalid rows raise an
+    [`InvalidRowsError`] listing them, or with `skip` are dropped from the splits in place.
+
+    Returns:
+        `dict[str, int]`: Rows dropped per split name (splits without invalid rows left out).
+    """
+
+    def prepare(record: dict[str, Any]) -> None:
+        check_record(record)
+        collator([record])
+
+    invalid = {name: find_invalid_rows(dataset, name, prepare) for name, dataset in datasets.items()}
+    found = [row for rows in invalid.values() for row in rows]
+    if found and not skip:
+        raise InvalidRowsError(found, source)
+    dropped = {}
+    for name, rows in invalid.items():
+        if rows:
+            bad = {row.index for row in rows}
+            datasets[name] = datasets[name].select([index for index in range(len(datasets[name])) if index not in bad])
+            dropped[name] = len(rows)
+            examples = "\n  ".join(str(row) for row in rows[:5])
+            logger.warning(f"Skipped {len(rows)} invalid row(s) of {source} {name}. First:\n  {examples}")
+    return dropped
+
+
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     """`crobim-u train CONFIG.json [--flag value ...]`: the arguments of `python -m crobim_u.training.run`."""
     # Everything after `train` goes to HfArgumentParser untouched (`--help` included): with "+" as the only prefix
@@ -181,11 +212,16 @@ def _train_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, float]:
     """Parses the arguments, trains, scores the evaluation (and test) split, saves the final model.
 
+    Invalid data rows found before training end the process with their list (exit status 1), without a traceback.
+
     Returns:
         `dict[str, float]`: the train, eval and test metrics.
     """
     model_args, data_args, training_args = parse_arguments(argv, prog=prog)
-    return train(model_args, data_args, training_args)
+    try:
+        return train(model_args, data_args, training_args)
+    except InvalidRowsError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def train(
@@ -205,10 +241,19 @@ def train(
     for split in filter(None, splits.values()):
         if split not in dataset:
             raise ValueError(f"{data_args.dataset_name} has no split {split!r}; it has {sorted(dataset)}.")
-    train_dataset = _limit(dataset[splits["train"]], data_args.max_train_samples)
-    eval_dataset = _limit(dataset[splits["eval"]], data_args.max_eval_samples) if splits["eval"] else None
+    scored = {
+        prefix: _limit(dataset[splits[prefix]], data_args.max_train_samples if prefix == "train" else
+                       data_args.max_eval_samples)
+        for prefix in ("train", "eval", "test") if splits[prefix]
+    }
 
     processor = build_processor(model_args, data_args)
+    collator = CrobimUDataCollator(processor)
+    dropped = {}
+    if data_args.check_data:
+        dropped = drop_invalid_rows(scored, collator, data_args.data_dir or data_args.dataset_name,
+                                    data_args.skip_invalid_rows)
+    train_dataset, eval_dataset = scored.pop("train"), scored.get("eval")
     model = build_model(model_args, vocab_size=len(processor.tokenizer))
     info = ModelCardInfo(
         dataset=data_args.dataset_name,
@@ -218,13 +263,14 @@ def train(
         base_models=hub_ids(model_args.model_name_or_path, model_args.backbone, model_args.text_encoder),
         image_size=processor.image_processor.size.height,
         max_length=processor.max_length,
+        extra={f"invalid {prefix} rows skipped": count for prefix, count in dropped.items()},
     )
     trainer = CrobimUTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=CrobimUDataCollator(processor),
+        data_collator=collator,
         processing_class=processor,
         model_card_info=info,
     )
@@ -237,9 +283,6 @@ def train(
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
 
-    scored = {} if eval_dataset is None else {"eval": eval_dataset}
-    if splits["test"]:
-        scored["test"] = _limit(dataset[splits["test"]], data_args.max_eval_samples)
     for prefix, split_dataset in scored.items():
         split_metrics = trainer.evaluate(split_dataset, metric_key_prefix=prefix)
         trainer.log_metrics(prefix, split_metrics)
