@@ -126,7 +126,11 @@ def build_app(model_path: str | None = None) -> gr.Blocks:
     examples = write_example_scenes(work_dir / "examples", side)
 
     def segment(
-        path: str | None, expressions_text: str, bands_text: str, threshold: float, progress=gr.Progress(track_tqdm=True)
+        path: str | None,
+        expressions_text: str,
+        bands_text: str,
+        threshold: float,
+        progress: gr.Progress = gr.Progress(track_tqdm=True),
     ) -> tuple[list[tuple[str, str]], list[dict[str, Any]], list[str]]:
         if model is None:
             raise gr.Error(NO_MODEL_HELP.format(path=model_path, problem=problem))

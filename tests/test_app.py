@@ -1,6 +1,7 @@
 """The Gradio app (`app.py`): served on loopback by `python app.py` and used through headless Chromium, as a person
 would, and through gradio's own client for the GeoTIFF paths."""
 
+import importlib.util
 import io
 import os
 import shutil
@@ -107,7 +108,8 @@ def browser():
         options.add_argument(flag)
     with tempfile.TemporaryDirectory() as profile:
         options.add_argument(f"--user-data-dir={profile}")
-        driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"))
+        service = Service(shutil.which("chromedriver") or "/usr/bin/chromedriver")
+        driver = webdriver.Chrome(options=options, service=service)
         try:
             yield driver
         finally:
@@ -156,7 +158,9 @@ def test_browser_picks_an_example_segments_it_and_shows_the_mask_over_the_image(
     for close in browser.find_elements(By.CSS_SELECTOR, "[class*=toast] [aria-label=Close], button.toast-close"):
         if close.is_displayed():
             close.click()  # the error toasts would cover the result in the screenshot
-    wait.until(lambda driver: not any(toast.is_displayed() for toast in driver.find_elements(By.CSS_SELECTOR, ".toast-body")))
+    wait.until(
+        lambda driver: not any(toast.is_displayed() for toast in driver.find_elements(By.CSS_SELECTOR, ".toast-body"))
+    )
     browser.execute_script("window.scrollTo(0, 0)")
     screenshot = tmp_path / "app.png"
     assert browser.save_screenshot(str(screenshot))
@@ -203,3 +207,20 @@ def test_geotiff_needs_a_band_choice_and_gives_a_georeferenced_mask(app_url, tmp
     with rasterio.open(masks[0]) as mask:
         assert mask.crs.to_string() == "EPSG:32633" and mask.transform == transform
         assert (mask.height, mask.width) == (96, 80) and set(np.unique(mask.read(1))) <= {0, 1}
+
+
+def test_without_a_model_the_page_says_how_to_get_one(tmp_path, monkeypatch):
+    import gradio
+
+    monkeypatch.chdir(tmp_path)  # no outputs/demo here
+    monkeypatch.delenv("CROBIM_U_MODEL", raising=False)
+    specification = importlib.util.spec_from_file_location("crobim_u_app", REPOSITORY / "app.py")
+    app_module = importlib.util.module_from_spec(specification)
+    specification.loader.exec_module(app_module)
+    page = app_module.build_app()
+    components = list(page.blocks.values())
+    texts = " ".join(component.value for component in components if isinstance(component, gradio.Markdown))
+    assert "No model loaded** from `outputs/demo`: the folder does not exist." in texts
+    assert "Train the demo model with `crobim-u demo`" in texts
+    (button,) = [component for component in components if isinstance(component, gradio.Button)]
+    assert button.interactive is False

@@ -19,7 +19,13 @@ from datasets.table import embed_table_storage
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi
 
 from .errors import DatasetFormatError
-from .features import CANONICAL_FEATURES, STORAGE_FEATURES, STORAGE_ONLY_COLUMNS, canonical_split_name, decode_referring_batch
+from .features import (
+    CANONICAL_FEATURES,
+    STORAGE_FEATURES,
+    STORAGE_ONLY_COLUMNS,
+    canonical_split_name,
+    decode_referring_batch,
+)
 
 
 REQUIRED_COLUMNS = ("image", "mask", "expression")
@@ -67,7 +73,9 @@ def load_hub_dataset(
     """
     unknown = sorted(set(columns or {}) - set(CANONICAL_FEATURES))
     if unknown:
-        raise ValueError(f"columns maps unknown canonical names {unknown}; the canonical columns are {list(CANONICAL_FEATURES)}.")
+        raise ValueError(
+            f"columns maps unknown canonical names {unknown}; the canonical columns are {list(CANONICAL_FEATURES)}."
+        )
     if data_dir is not None:
         load_kwargs["data_dir"] = data_dir
     loaded = datasets.load_dataset(path, **load_kwargs)
@@ -90,7 +98,9 @@ def _storage_dataset(dataset: Dataset, mapping: dict[str, str], split: str, sour
     """The split's mapped columns plus the defaults and storage columns of [`STORAGE_FEATURES`]."""
     missing = [name for name in REQUIRED_COLUMNS if mapping[name] not in dataset.column_names]
     if missing:
-        wanted = ", ".join(repr(name) if mapping[name] == name else f"{name!r} (from {mapping[name]!r})" for name in missing)
+        wanted = ", ".join(
+            repr(name) if mapping[name] == name else f"{name!r} (from {mapping[name]!r})" for name in missing
+        )
         raise DatasetFormatError(
             source, f"split {split!r}", f"the column(s) {wanted}",
             f"columns {dataset.column_names}; map yours with columns={{'<canonical name>': '<column>'}}",
@@ -173,7 +183,9 @@ def _canonical_batch(batch: dict[str, list], indices: list[int], split: str, sto
     }
 
 
-def _dataset_card(counts: dict[str, int], pretty_name: str | None, license: str | None, repo_id: str | None) -> DatasetCard:
+def _dataset_card(
+    counts: dict[str, int], pretty_name: str | None, license: str | None, repo_id: str | None
+) -> DatasetCard:
     data = DatasetCardData(
         pretty_name=pretty_name,
         license=license,
@@ -182,7 +194,7 @@ def _dataset_card(counts: dict[str, int], pretty_name: str | None, license: str 
         configs=[
             {
                 "config_name": "default",
-                "data_files": [{"split": split, "path": f"{DATA_FOLDER}/{split}-*.parquet"}for split in counts],
+                "data_files": [{"split": split, "path": f"{DATA_FOLDER}/{split}-*.parquet"} for split in counts],
             }
         ],
     )

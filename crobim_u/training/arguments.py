@@ -126,7 +126,8 @@ class DataArguments:
     def loader_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `load_referring_dataset` for this data set."""
         if self.dataset_columns is not None:
-            columns = json.loads(self.dataset_columns) if isinstance(self.dataset_columns, str) else self.dataset_columns
+            columns = self.dataset_columns
+            columns = json.loads(columns) if isinstance(columns, str) else columns
             if not isinstance(columns, dict):
                 raise ValueError(f"dataset_columns must be a JSON object, got {self.dataset_columns!r}.")
             return {"columns": columns}
