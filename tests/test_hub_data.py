@@ -64,6 +64,8 @@ def test_parquet_export_is_a_hub_folder_that_loads_back_equal_without_the_source
     loaded = load_referring_dataset(str(tmp_path / "parquet"), cache_dir=str(tmp_path / "cache"))
     assert_same_records(records(loaded), expected)
     assert set(np.unique(records(loaded)["train"][0]["mask"])) <= {0, 1}
+    by_builder = load_referring_dataset("parquet", str(tmp_path / "parquet"), cache_dir=str(tmp_path / "cache"))
+    assert_same_records(records(by_builder), expected)
     with pytest.raises(FileExistsError, match="is not empty"):
         export_parquet(loaded, tmp_path / "parquet")
 
