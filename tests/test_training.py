@@ -398,7 +398,7 @@ def test_model_card_renders_front_matter_training_table_and_metrics():
     args = CrobimUTrainingArguments(output_dir="unused", per_device_train_batch_size=8)
     text = render_model_card(tiny_config(use_udlr=False), args, info, {"test": metrics}, model_id="me/model", step=7)
     card = ModelCard(text)
-    assert card.data.base_model == info.base_models and card.data.datasets == ["rrsisd"]
+    assert card.data.base_model == info.base_models and card.data.datasets is None  # "rrsisd" is no Hub id
     assert card.data.eval_results[0].dataset_split == "test" and card.data.eval_results[0].metric_value == 61.0
     assert format_metric_table(metrics) in card.text
     assert "rrsisd, `test` split (10 samples, weights of step 7" in card.text

@@ -91,7 +91,18 @@ class DataArguments:
     """Which referring-segmentation data to train and evaluate on."""
 
     dataset_name: str = field(
-        default="synthetic", metadata={"help": "refsegrs, rrsisd, risbench, folder or synthetic."}
+        default="synthetic",
+        metadata={
+            "help": "refsegrs, rrsisd, risbench, folder, synthetic, parquet or imagefolder (with --data_dir), or a Hub "
+            "dataset id or folder that datasets.load_dataset reads."
+        },
+    )
+    dataset_columns: str | None = field(
+        default=None,
+        metadata={
+            "help": "For Hub data sets: JSON object mapping canonical columns to the data set's, e.g. "
+            '\'{"expression": "sentence", "mask": "segmentation"}\'.'
+        },
     )
     data_dir: str | None = field(default=None, metadata={"help": "Data set folder (all but synthetic)."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
@@ -124,6 +135,12 @@ class DataArguments:
 
     def loader_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `load_referring_dataset` for this data set."""
+        if self.dataset_columns is not None:
+            columns = self.dataset_columns
+            columns = json.loads(columns) if isinstance(columns, str) else columns
+            if not isinstance(columns, dict):
+                raise ValueError(f"dataset_columns must be a JSON object, got {self.dataset_columns!r}.")
+            return {"columns": columns}
         if self.dataset_name != "synthetic":
             return {}
         difficulty: str | float = self.synthetic_difficulty

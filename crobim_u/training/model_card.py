@@ -41,7 +41,8 @@ class ModelCardInfo:
     What the card says about a training run beyond the model config and the `TrainingArguments`.
 
     Args:
-        dataset (`str`): Data set name (`rrsisd`, `synthetic`, ...).
+        dataset (`str`): Data set name (`rrsisd`, `synthetic`, ...) or Hub dataset id (`owner/name`); only a Hub id is
+            listed in the card's `datasets`.
         splits (`dict[str, str]`): Metric prefix -> split name, e.g. `{"eval": "validation", "test": "test"}`.
         num_train_samples (`int`, *optional*): Rows in the training split.
         init (`str`): How the weights started, e.g. "preset `tiny`, random initialisation".
@@ -180,8 +181,10 @@ def render_model_card(
     card = ModelCard(body)
     if info.base_models:
         card.data.base_model = list(info.base_models)
-    if info.dataset not in ("unknown", "synthetic", "folder"):
-        card.data.datasets = [info.dataset]
+    # The Hub links `datasets` and the model index's dataset type to dataset repositories: Hub ids only.
+    dataset_ids = hub_ids(info.dataset)
+    if dataset_ids:
+        card.data.datasets = dataset_ids
     results = []
     for prefix, values in metrics.items():
         split = info.splits.get(prefix, prefix)
@@ -190,7 +193,8 @@ def render_model_card(
                 results.append(
                     EvalResult(
                         task_type="image-segmentation", task_name="Referring image segmentation",
-                        dataset_type=info.dataset, dataset_name=f"{info.dataset} ({split})", dataset_split=split,
+                        dataset_type=(dataset_ids or [info.dataset])[0], dataset_name=f"{info.dataset} ({split})",
+                        dataset_split=split,
                         metric_type=name, metric_name=name, metric_value=round(100 * float(values[name]), 2),
                     )
                 )
