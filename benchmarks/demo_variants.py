@@ -68,7 +68,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "batch 8, init 0.1, lr 2e-3": {
         **BATCH_8, "model_overrides": {**RESNET_STRIDE_2, "initializer_range": 0.1}, "learning_rate": 2e-3,
     },
-    "demo: batch 8, init 0.1, lr 1e-3": {},
+    "batch 8, init 0.1, lr 1e-3": {
+        **BATCH_8, "model_overrides": {**RESNET_STRIDE_2, "initializer_range": 0.1}, "learning_rate": 1e-3,
+    },
+    # The demo's recipe as it is now (two spatial pointers since the relations probe).
+    "demo": {},
 }
 
 
@@ -87,6 +91,10 @@ def run_variant(
         "mIoU": scores["mIoU"],
         "oIoU": scores["oIoU"],
         "with_distractor_mIoU": scores["with_distractor"]["mIoU"],
+        "by_family_mIoU": {
+            family: {"count": block["count"], "model": block["model"]["mIoU"], "class_only": block["class_only"]["mIoU"]}
+            for family, block in scores["by_family"].items()
+        },
         "final_logged_loss": losses[-1] if losses else None,
         "train_seconds": train_seconds,
     }
@@ -102,6 +110,10 @@ def main() -> None:
     parser.add_argument(
         "--expressions-per-image", type=int, default=1, help="training expressions per scene (the demo's: 2)"
     )
+    parser.add_argument(
+        "--relational-share", type=float, default=0.0,
+        help="share of training expressions from the relation and size families only (DemoRecipe.relational_share)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one variant at a time)")
     parser.add_argument("--output", help="also write the results to this JSON file")
     args = parser.parse_args()
@@ -109,7 +121,7 @@ def main() -> None:
 
     data_recipe = DemoRecipe(
         difficulty=args.difficulty, num_train=args.num_train, num_test=args.num_test,
-        expressions_per_image=args.expressions_per_image,
+        expressions_per_image=args.expressions_per_image, relational_share=args.relational_share,
     )
     train, test = load_demo_splits(data_recipe, seed=0)
     data = {"train": train, "test": test}

@@ -29,7 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.warp
 import rasterio.windows
+import shapely
+import shapely.geometry
 from affine import Affine
 from transformers import BertTokenizer
 
@@ -82,15 +85,17 @@ def check_outputs(record: dict, scene_path: Path) -> dict:
     for key in ("mask", "uncertainty"):
         with rasterio.open(record[key]) as output:
             checks[f"{key}_same_grid"] = (output.crs, output.transform, output.shape) == grid
-    inside, vertices = True, 0
-    with open(record["geojson"]) as file:
-        for feature in json.load(file)["features"]:
-            for ring in feature["geometry"]["coordinates"]:
-                points = np.asarray(ring)
-                vertices += len(points)
-                inside &= bool((points[:, 0] >= bounds.left).all() and (points[:, 0] <= bounds.right).all())
-                inside &= bool((points[:, 1] >= bounds.bottom).all() and (points[:, 1] <= bounds.top).all())
-    checks.update(polygons=record["num_polygons"], vertices=vertices, polygons_inside_bounds=inside)
+    # The GeoJSON is in WGS 84 (RFC 7946): compare its vertices with the scene's bounds in longitude and latitude.
+    west, south, east, north = rasterio.warp.transform_bounds(grid[0], "EPSG:4326", *bounds, densify_pts=21)
+    with open(record["vector"]) as file:
+        features = json.load(file)["features"]
+    points = shapely.get_coordinates([shapely.geometry.shape(feature["geometry"]) for feature in features])
+    tolerance = 1e-9
+    inside = bool(
+        ((points[:, 0] >= west - tolerance) & (points[:, 0] <= east + tolerance)).all()
+        and ((points[:, 1] >= south - tolerance) & (points[:, 1] <= north + tolerance)).all()
+    )
+    checks.update(features=record["num_features"], vertices=len(points), polygons_inside_bounds=inside)
     return checks
 
 

@@ -27,11 +27,16 @@ import numpy as np
 import torch
 
 from crobim_u.data.synthetic import load_synthetic
-from crobim_u.demo import DEMO_MODEL_OVERRIDES, DemoRecipe, score_with_distractor_subset, train_on_synthetic
+from crobim_u.demo import (
+    DEMO_MODEL_OVERRIDES,
+    RELATIONAL_FAMILIES,
+    DemoRecipe,
+    score_with_distractor_subset,
+    train_on_synthetic,
+)
 from crobim_u.inference.evaluation import evaluate_reference_masks
 
 
-PROBE_FAMILIES = ("relation", "size")
 METRIC_KEYS = ("mIoU", "oIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9")
 # Name -> config fields over the demo's model (`DEMO_MODEL_OVERRIDES`, the shipped recipe).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -46,7 +51,7 @@ def load_probe_splits(args: argparse.Namespace) -> tuple[Any, Any]:
     """Relational and size-comparison expressions only; test samples with a same-class distractor only."""
     common = dict(
         num_validation=0, image_size=DemoRecipe.image_size, difficulty=args.difficulty, seed=args.seed,
-        families=PROBE_FAMILIES,
+        families=RELATIONAL_FAMILIES,
     )
     train = load_synthetic(
         num_train=args.num_train, num_test=0, expressions_per_image=DemoRecipe.expressions_per_image, **common

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase, default_data_collator
@@ -42,6 +42,8 @@ from .training.run import build_synthetic_tokenizer
 
 
 TEXT_ENCODERS = ("auto", "minilm", "scratch")
+# The families that compare objects: a relation to another object, or a size among look-alikes.
+RELATIONAL_FAMILIES = ("relation", "size")
 METRIC_KEYS = ("mIoU", "oIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9")
 
 
@@ -89,6 +91,10 @@ class DemoRecipe:
     # Expressions per training scene, read in one step: the image encoder runs once per scene, which makes a step
     # about 12% cheaper and buys the steps above (BENCHMARKS.md, "Two expressions per scene").
     expressions_per_image: int = 2
+    # Share of the training expressions drawn from the relation and size families only (their own scenes, from the
+    # stream of seed + 1); the rest follow the difficulty's mix, where relations are rare at easy. Training data only:
+    # the test split keeps the difficulty's mix.
+    relational_share: float = 0.0
     learning_rate: float = 1e-3
     warmup_steps: int = 60
     weight_decay: float = 0.01
@@ -479,13 +485,23 @@ def metrics_by_family(test: Dataset, intersection: torch.Tensor, union: torch.Te
 def load_demo_splits(recipe: DemoRecipe, seed: int = 0) -> tuple[Dataset, Dataset]:
     """
     The synthetic training and test splits of a recipe. Training scenes carry `recipe.expressions_per_image`
-    expressions each (consecutive rows), test scenes one, so that every test sample is a scene of its own.
+    expressions each (consecutive rows), test scenes one, so that every test sample is a scene of its own. With
+    `recipe.relational_share`, that share of the training rows comes from relation and size expressions only.
     """
-    common = dict(num_validation=0, image_size=recipe.image_size, difficulty=recipe.difficulty, seed=seed)
+    common = dict(num_validation=0, image_size=recipe.image_size, difficulty=recipe.difficulty)
+    per_scene = recipe.expressions_per_image
+    # Whole scenes in each part, so that each part's rows group into scenes.
+    num_relational = round(recipe.num_train * recipe.relational_share / per_scene) * per_scene
     train = load_synthetic(
-        num_train=recipe.num_train, num_test=0, expressions_per_image=recipe.expressions_per_image, **common
+        num_train=recipe.num_train - num_relational, num_test=0, expressions_per_image=per_scene, seed=seed, **common
     )["train"]
-    test = load_synthetic(num_train=0, num_test=recipe.num_test, **common)["test"]
+    if num_relational:
+        relational = load_synthetic(
+            num_train=num_relational, num_test=0, expressions_per_image=per_scene, seed=seed + 1,
+            families=RELATIONAL_FAMILIES, **common,
+        )["train"]
+        train = concatenate_datasets([train, relational])
+    test = load_synthetic(num_train=0, num_test=recipe.num_test, seed=seed, **common)["test"]
     return train, test
 
 
