@@ -44,7 +44,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "position_blind": {"position_encoding": "none", "num_pointers": 0},
     "no_pointers": {"num_pointers": 0},
     "one_pointer": {"num_pointers": 1},
-    "no_relate": {"pointer_relate": False},
 }
 
 

@@ -124,9 +124,6 @@ class CrobimUConfig(PreTrainedConfig):
             image with a softmax over the stride-8 tokens, and every token and mask-head pixel is told its offset
             and distance to it. With two or more, the first is trained towards the object a relational expression
             names (where `reference_labels` are given) and the last towards the target. 0 turns them off.
-        pointer_relate (`bool`, *optional*, defaults to `True`):
-            Each pointer after the first adds to its logits a score of every cell's geometry relative to the pointers
-            before it (a direct "relate" step); `False` leaves that to the tokens, which carry the same geometry.
         pointer_loss_weight (`float`, *optional*, defaults to 0.5):
             Weight of the pointers' cross-entropy towards the target (and the reference, where given), each pooled
             to the stride-8 grid.
@@ -190,7 +187,6 @@ class CrobimUConfig(PreTrainedConfig):
     hidden_dropout: float = 0.0
     position_encoding: str = "sine"
     num_pointers: int = 0
-    pointer_relate: bool = True
     pointer_loss_weight: float = 0.5
     use_rus: bool = True
     use_ugf: bool = True

@@ -585,8 +585,6 @@ class CrobimUSpatialPointers(nn.Module):
     3. adds to every token an MLP of its offset and distance to that place, conditioned on the sentence, so that the
        next pointer and the rest of the decoder read "left of it", "near it".
     The mask head gets the same geometry relative to every pointer at its own stride, plus the pixel's own position.
-    With `pointer_relate`, each pointer after the first also adds to its logits an MLP score of every cell's geometry
-    relative to the pointers before it (conditioned on the sentence): a direct path for "left of it", "nearest to it".
     With two or more pointers, the first is trained towards the reference object where the data name it
     (`reference_labels`), and the last towards the target: locating the reference, then the target relative to it, as
     in the program-based referring models (CLEVR-Ref+'s relate step).
@@ -605,12 +603,6 @@ class CrobimUSpatialPointers(nn.Module):
             CrobimUGeometryEmbedding(5, config, d_model) for _ in range(num_pointers)
         )
         self.head_geometry = CrobimUGeometryEmbedding(5 * num_pointers + 2, config, config.mask_head_dim)
-        # The relate step: pointer k's logits gain a score of each cell's geometry relative to pointers 0..k-1.
-        self.relate = (
-            nn.ModuleList(CrobimUGeometryEmbedding(5 * index, config, 1) for index in range(1, num_pointers))
-            if config.pointer_relate
-            else None
-        )
 
     def forward(
         self, vision: torch.Tensor, height: int, width: int, language: torch.Tensor, language_mask: torch.Tensor
@@ -622,19 +614,16 @@ class CrobimUSpatialPointers(nn.Module):
         word_scores = torch.einsum("bld,kd->bkl", normed_language, self.word_queries)
         word_weights = word_scores.masked_fill(~language_mask[:, None, :], float("-inf")).softmax(dim=-1)
         phrases = word_weights @ language  # (B, K, d_model)
-        logits, centres, spreads, geometries = [], [], [], []
+        logits, centres, spreads = [], [], []
         for index in range(self.num_pointers):
             query = self.query_proj[index](phrases[:, index])
             keys = self.key_proj[index](self.token_norm[index](vision))
             pointer_logits = torch.einsum("bnd,bd->bn", keys, query) / math.sqrt(query.shape[-1])
-            if self.relate is not None and index:
-                pointer_logits = pointer_logits + self.relate[index - 1](torch.cat(geometries, -1), sentence)[..., 0]
             weights = pointer_logits.softmax(dim=-1)
             centre = weights @ grid  # (B, 2)
             spread = (weights @ grid.square() - centre.square()).clamp(min=0).add(1e-6).sqrt()
             geometry = pointer_geometry(grid, centre[:, None], spread[:, None])
             vision = vision + self.token_geometry[index](geometry, sentence)
-            geometries.append(geometry)
             logits.append(pointer_logits)
             centres.append(centre)
             spreads.append(spread)

@@ -515,13 +515,8 @@ def test_spatial_pointers_point_train_and_tell_pixels_where_they_point(inputs):
     assert outputs.pointer_loss > target_only  # the first pointer's reference term adds to the target term
     outputs.loss.backward()
     pointers = model.mid.pointers
-    trained = (
-        pointers.word_queries, pointers.key_proj[0].weight, pointers.head_geometry.out_proj.weight,
-        pointers.relate[0].out_proj.weight,
-    )
-    for parameter in trained:
+    for parameter in (pointers.word_queries, pointers.key_proj[0].weight, pointers.head_geometry.out_proj.weight):
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0
-    assert tiny_model(num_pointers=2, pointer_relate=False).mid.pointers.relate is None
     # The mask head reads the geometry: pointing elsewhere changes its channels.
     with torch.no_grad():
         _, pointed = pointers(torch.randn(2, 64, 64), 8, 8, torch.randn(2, 5, 64), torch.ones(2, 5, dtype=torch.bool))

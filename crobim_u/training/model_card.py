@@ -30,7 +30,7 @@ INTERPRETATION_FIELDS = (
     "mask_stride", "ugf_levels", "ugf_gate_scale_init", "ugf_gate_bias_init", "udlr_mask_threshold",
     "udlr_mask_temperature", "uncertainty_target", "uncertainty_pooling", "uncertainty_loss_weight",
     "uncertainty_warmup_steps", "detach_uncertainty", "bce_weight", "dice_weight", "coarse_loss_weight",
-    "num_pointers", "pointer_relate", "pointer_loss_weight", "position_encoding",
+    "num_pointers", "pointer_loss_weight", "position_encoding",
 )
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
