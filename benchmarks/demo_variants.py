@@ -6,7 +6,8 @@ BENCHMARKS.md runs the batch-16 variants for 600 steps and the batch-8 ones for 
 
 By default every variant trains on 6,000 synthetic training scenes at 160x160, difficulty medium, seed 0, one
 expression each (the data of the demo when its model was chosen; `--difficulty easy --num-train 16000
---expressions-per-image 2` gives the demo's data now: 16,000 expressions about 8,000 scenes) with the demo's
+--expressions-per-image 2 --relational-share 0.5` gives the demo's data now: 16,000 expressions about 8,000 scenes,
+half of them relational or size comparisons) with the demo's
 recipe and seed, changed only as its entry in `VARIANTS` says, and is scored on 300 test scenes, overall and
 on the samples with a same-class distractor, next to the class-only reference. This is how the demo's model
 (`crobim_u.demo.DEMO_MODEL_OVERRIDES`) was chosen; BENCHMARKS.md has the table.
@@ -71,7 +72,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "batch 8, init 0.1, lr 1e-3": {
         **BATCH_8, "model_overrides": {**RESNET_STRIDE_2, "initializer_range": 0.1}, "learning_rate": 1e-3,
     },
-    # The demo's recipe as it is now (two spatial pointers since the relations probe).
+    # The demo's recipe as it is now.
     "demo": {},
 }
 
