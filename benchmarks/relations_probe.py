@@ -1,12 +1,13 @@
 """Relations probe: can the model learn relational and size-comparison expressions?
 
-    python benchmarks/relations_probe.py [--variants model position_blind] [--max-steps 2250] [--jobs 2]
+    python benchmarks/relations_probe.py [--variants model position_blind] [--max-steps 4500] [--jobs 2]
 
 Every training and test expression is relational ("the car left of the tennis court", "the tank closest to the
 pond") or a size comparison ("the larger tank"), and every test target has a same-class look-alike, so the class name
 alone never answers it. Each variant trains with the demo's recipe (`crobim_u.demo.DemoRecipe`: 160x160 scenes at
-difficulty easy, two expressions per scene, batch 8, the same steps) on `--num-train` such expressions, changed only
-as its entry in `VARIANTS` says, and is scored beside:
+difficulty easy, two expressions per scene, batch 8) for 4,500 steps, twice the demo's (23 minutes of training at one
+thread on the 2-core CPU of BENCHMARKS.md), on `--num-train` such expressions, changed only as its entry in
+`VARIANTS` says, and is scored beside:
 - the class-only reference (every object of the referred class: what reading the class name alone gives);
 - the position-blind control (the same model without position encodings or pointers: what the image alone gives).
 
@@ -38,6 +39,8 @@ from crobim_u.inference.evaluation import evaluate_reference_masks
 
 
 METRIC_KEYS = ("mIoU", "oIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9")
+# Twice the demo's steps: the probe's budget (about 23 minutes of training at one thread here).
+PROBE_STEPS = 2 * DemoRecipe.max_steps
 # Name -> config fields over the demo's model (`DEMO_MODEL_OVERRIDES`, the shipped recipe).
 VARIANTS: dict[str, dict[str, Any]] = {
     "model": {},
@@ -119,7 +122,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["model", "position_blind"])
-    parser.add_argument("--max-steps", type=int, default=DemoRecipe.max_steps)
+    parser.add_argument("--max-steps", type=int, default=PROBE_STEPS)
     parser.add_argument("--num-train", type=int, default=DemoRecipe.num_train)
     parser.add_argument("--num-test", type=int, default=500, help="test scenes generated (those with a distractor stay)")
     parser.add_argument("--difficulty", default=DemoRecipe.difficulty)
