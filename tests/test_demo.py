@@ -283,3 +283,16 @@ def test_preprocess_keeps_reference_masks_for_the_first_pointer():
         assert reference.sum() > 0 and not (reference.bool() & torch.from_numpy(np.array(row["mask"]) > 0)).any()
     batch = demo._collate([dataset[i] for i in range(4)])
     assert batch["reference_labels"].shape == (4, 64, 64)
+
+
+def test_a_relational_share_of_training_scenes_comes_from_relations_and_sizes_only():
+    recipe = dataclasses.replace(
+        demo.QUICK_RECIPE, num_train=12, num_test=6, expressions_per_image=2, relational_share=0.5
+    )
+    train, test = demo.load_demo_splits(recipe, seed=0)
+    assert len(train) == 12 and len(test) == 6
+    relational = train.select(range(6, 12))
+    assert set(relational["family"]) <= set(demo.RELATIONAL_FAMILIES)
+    assert all(image_id.startswith("synthetic-easy-1-") for image_id in relational["image_id"])  # a stream of its own
+    plain, plain_test = demo.load_demo_splits(dataclasses.replace(recipe, relational_share=0.0), seed=0)
+    assert train["image_id"][:6] == plain["image_id"][:6] and test["expression"] == plain_test["expression"]
