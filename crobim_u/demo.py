@@ -26,7 +26,14 @@ import torch
 from datasets import Dataset, concatenate_datasets
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase, default_data_collator
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    TrainerCallback,
+    default_data_collator,
+)
 
 from .configuration_crobim_u import CrobimUConfig
 from .data.synthetic import DIFFICULTIES, load_synthetic
@@ -354,6 +361,7 @@ def train_on_synthetic(
     seed: int = 0,
     text_encoder: str = "auto",
     progress: bool = True,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> tuple[CrobimUForReferringSegmentation, CrobimUProcessor, CrobimUTrainer]:
     """
     Trains the `tiny` preset (with `recipe.model_overrides`) on a synthetic training split, as the demo does.
@@ -367,6 +375,8 @@ def train_on_synthetic(
         seed (`int`): Seed of the initialisation and of the batch order.
         text_encoder (`str`): `auto` (MiniLM where installed, else `scratch`), `minilm` or `scratch`.
         progress (`bool`): Progress bars.
+        callbacks (`list[TrainerCallback]`, *optional*): Added to the Trainer's (e.g. to score the model during
+            training).
 
     Returns:
         The trained model (in eval mode), its processor, and the trainer (for its state and model card).
@@ -410,6 +420,7 @@ def train_on_synthetic(
     )
     trainer = CrobimUTrainer(
         model=model, args=args, train_dataset=train_dataset, data_collator=_collate, processing_class=processor,
+        callbacks=callbacks,
         model_card_info=ModelCardInfo(
             dataset="synthetic", splits={"test": "test"}, num_train_samples=len(train_split), init=init,
             image_size=side, max_length=recipe.max_length, extra={"demo recipe": json.dumps(asdict(recipe))},
