@@ -15,6 +15,12 @@ FOUR_STAGES = ["stage1", "stage2", "stage3", "stage4"]
 # Strides the mask head can work at (below 4 through an image stem, see `mask_stride`).
 MASK_STRIDES = (4, 2, 1)
 POSITION_ENCODINGS = ("sine", "none")
+# The stride-4 path's settings: the first choice of each is the papers' (and the default).
+LIGHTER_PATH_CHOICES = {
+    "lgfa_fine_attention": ("full", "upsampled"),
+    "lgfa_fine_smoothing": ("separable", "depthwise"),
+    "mask_head_conv": ("full", "separable"),
+}
 
 # Named presets. Full-size presets follow the recipe of the field (Swin-B window 12 or ConvNeXt-B, BERT-base,
 # 480x480 inputs); `tiny` keeps tests and the CPU demo fast.
@@ -114,6 +120,15 @@ class CrobimUConfig(PreTrainedConfig):
             Stride of the mask head, 4, 2 or 1. Below 4, a light convolutional stem reads the image at that stride
             and the stride-4 pixel embedding is upsampled onto it (a U-Net-style detail path): objects a few pixels
             across, such as vehicles, are lost at stride 4.
+        lgfa_fine_attention (`str`, *optional*, defaults to `"full"`):
+            `"full"`: LGFA's pixel-word attention runs at every stride (the papers); `"upsampled"`: stride 4 has none
+            and its pixels are modulated by stride 8's word context, bilinearly upsampled (our lighter stride-4 path:
+            about 4 GFLOP less per expression for Swin-B at 480x480).
+        lgfa_fine_smoothing (`str`, *optional*, defaults to `"separable"`):
+            LGFA's top-down smoothing at stride 4: `"separable"` (depthwise 3x3 then pointwise, as at the coarser
+            strides) or `"depthwise"` (the depthwise 3x3 alone).
+        mask_head_conv (`str`, *optional*, defaults to `"full"`):
+            The MID pixel head's 3x3 convolution: `"full"` or `"separable"` (depthwise 3x3 then pointwise).
         hidden_dropout (`float`, *optional*, defaults to 0.0):
             Dropout after attention and feed-forward blocks.
         position_encoding (`str`, *optional*, defaults to `"sine"`):
@@ -184,6 +199,9 @@ class CrobimUConfig(PreTrainedConfig):
     mid_layers_per_level: int = 1
     mask_head_dim: int = 128
     mask_stride: int = 4
+    lgfa_fine_attention: str = "full"
+    lgfa_fine_smoothing: str = "separable"
+    mask_head_conv: str = "full"
     hidden_dropout: float = 0.0
     position_encoding: str = "sine"
     num_pointers: int = 0
@@ -229,6 +247,9 @@ class CrobimUConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.mask_stride not in MASK_STRIDES:
             raise ValueError(f"mask_stride must be one of {MASK_STRIDES}, got {self.mask_stride!r}.")
+        for name, choices in LIGHTER_PATH_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}.")
         if self.num_prompts < 0:
             raise ValueError(f"num_prompts must be >= 0, got {self.num_prompts}.")
         unknown_levels = sorted(set(self.ugf_levels) - set(BACKBONE_STRIDES))

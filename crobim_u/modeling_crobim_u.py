@@ -279,20 +279,29 @@ class CrobimUPromptModulationLayer(GradientCheckpointingLayer):
         self.ffn = CrobimUFeedForward(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
+    def context_keys_and_values(self, placed_context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        The cross-attention's keys and values, head-split, from the visual context with its positions `(B_images,
+        N, d_model)`: they depend on the image only, so several expressions of one image share them.
+        """
+        attention = self.cross_attn
+        return attention.split_heads(attention.k_proj(placed_context)), attention.split_heads(
+            attention.v_proj(placed_context)
+        )
+
     def forward(
         self,
         language: torch.Tensor,
         language_mask: torch.Tensor,
-        context: torch.Tensor,
-        context_position: torch.Tensor,
+        context_key: torch.Tensor,
+        context_value: torch.Tensor,
     ) -> torch.Tensor:
         normed = self.self_attn_norm(language)
         language = language + self.dropout(self.self_attn(normed, normed, normed, language_mask))
-        normed = self.cross_attn_norm(language)
-        # The positions go into the values too, so that a word carries where the things it read are ("left of the
-        # building" then compares a pixel's place with the building's).
-        placed = context + context_position
-        language = language + self.dropout(self.cross_attn(normed, placed, placed))
+        attention = self.cross_attn
+        query = attention.split_heads(attention.q_proj(self.cross_attn_norm(language)))
+        read = attention.out_proj(attention.attend(query, context_key, context_value, None))
+        language = language + self.dropout(read)
         return language + self.dropout(self.ffn(self.ffn_norm(language)))
 
 
@@ -303,8 +312,9 @@ class CrobimUContextAwarePromptModulation(nn.Module):
 
     Our interpretation: the context is the stride 8, 16 and 32 visual tokens with 2-D sine position encodings (so
     that "left of" and "top" can be read from positions) plus a learned embedding per scale, in the keys and the
-    values; each layer is self-attention over prompts and words, cross-attention to the context, and an FFN
-    (`capm_num_layers`, `num_prompts`).
+    values (so that a word carries where the things it read are: "left of the building" then compares a pixel's
+    place with the building's); each layer is self-attention over prompts and words, cross-attention to the
+    context, and an FFN (`capm_num_layers`, `num_prompts`).
     """
 
     def __init__(self, config: CrobimUConfig):
@@ -314,29 +324,56 @@ class CrobimUContextAwarePromptModulation(nn.Module):
         self.level_embeddings = nn.Parameter(torch.zeros(len(CONTEXT_STRIDES), config.d_model))
         self.layers = nn.ModuleList(CrobimUPromptModulationLayer(config) for _ in range(config.capm_num_layers))
 
+    def image_context(self, visual_maps: dict[int, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's context keys and values `(B_images, heads, N, d_head)`, computed once per image."""
+        context = []
+        for index, stride in enumerate(CONTEXT_STRIDES):
+            feature_map = visual_maps[stride]
+            height, width = feature_map.shape[-2:]
+            position = position_encoding(self.config, height, width, feature_map.device, feature_map.dtype)
+            context.append(flatten_map(feature_map) + (position + self.level_embeddings[index]))
+        placed_context = torch.cat(context, dim=1)
+        return [layer.context_keys_and_values(placed_context) for layer in self.layers]
+
     def forward(
-        self, words: torch.Tensor, word_mask: torch.Tensor, visual_maps: dict[int, torch.Tensor]
+        self,
+        words: torch.Tensor,
+        word_mask: torch.Tensor,
+        image_context: list[tuple[torch.Tensor, torch.Tensor]],
+        image_indices: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the language tokens `(B, num_prompts + L, d_model)` and their mask."""
+        """
+        Returns the language tokens `(B, num_prompts + L, d_model)` and their mask, from the words `(B, L, d_model)`
+        and the output of [`~CrobimUContextAwarePromptModulation.image_context`] (each expression reads the image
+        `image_indices` names; without it, expression `i` reads image `i`).
+        """
         batch_size = words.shape[0]
         prompts = self.prompts.unsqueeze(0).expand(batch_size, -1, -1)
         language = torch.cat([prompts, words], dim=1)
         prompt_mask = word_mask.new_ones(batch_size, self.prompts.shape[0])
         language_mask = torch.cat([prompt_mask, word_mask], dim=1)
-
-        context, context_position = [], []
-        for index, stride in enumerate(CONTEXT_STRIDES):
-            feature_map = visual_maps[stride]
-            height, width = feature_map.shape[-2:]
-            context.append(flatten_map(feature_map))
-            position = position_encoding(self.config, height, width, words.device, words.dtype)
-            context_position.append(position + self.level_embeddings[index])
-        context = torch.cat(context, dim=1)
-        context_position = torch.cat(context_position, dim=0).unsqueeze(0)
-
-        for layer in self.layers:
-            language = layer(language, language_mask, context, context_position)
+        for layer, (key, value) in zip(self.layers, image_context):
+            language = layer(language, language_mask, select_images(key, image_indices), select_images(value, image_indices))
         return language, language_mask
+
+
+@dataclass
+class CrobimUPixelSide:
+    """What LGFA computes from the image alone at one scale, once per image (`(B_images, h*w, d_model)` each)."""
+
+    pixels: torch.Tensor  # the visual tokens, contiguous
+    query: torch.Tensor | None  # their attention queries (None where the scale takes the coarser scale's word context)
+    vision: torch.Tensor  # their projection that the word context modulates
+    size: tuple[int, int]
+
+    def select(self, image_indices: torch.Tensor | None) -> CrobimUPixelSide:
+        """The tokens of each expression's image."""
+        if image_indices is None:
+            return self
+        query = None if self.query is None else select_images(self.query, image_indices)
+        return CrobimUPixelSide(
+            select_images(self.pixels, image_indices), query, select_images(self.vision, image_indices), self.size
+        )
 
 
 class CrobimUPixelWordAttention(GradientCheckpointingLayer):
@@ -347,40 +384,63 @@ class CrobimUPixelWordAttention(GradientCheckpointingLayer):
     Our interpretation of the attention-deficit compensation: a pixel's attention to the words is "weak" when even
     its best-matching word scores low. With `r = sigmoid(max_w q·k_w / sqrt(d_head))` averaged over heads, the
     sentence vector is added with weight `1 - r`, so pixels the words do not reach still receive the sentence.
+
+    With `reads_words=False` (stride 4 under `lgfa_fine_attention="upsampled"`), the scale has no attention of its
+    own: its pixels are modulated by the next coarser scale's word context, upsampled.
     """
 
-    def __init__(self, config: CrobimUConfig):
+    def __init__(self, config: CrobimUConfig, reads_words: bool = True):
         super().__init__()
         self.pixel_norm = nn.LayerNorm(config.d_model)
-        self.attention = CrobimUAttention(config)
-        self.sentence_proj = nn.Linear(config.d_model, config.d_model)
+        self.attention = CrobimUAttention(config) if reads_words else None
+        self.sentence_proj = nn.Linear(config.d_model, config.d_model) if reads_words else None
         self.vision_proj = nn.Sequential(nn.Linear(config.d_model, config.d_model), nn.GELU())
         self.fuse_proj = nn.Linear(config.d_model, config.d_model)
 
-    def forward(
-        self, feature_map: torch.Tensor, language: torch.Tensor, language_mask: torch.Tensor, sentence: torch.Tensor
-    ) -> torch.Tensor:
-        height, width = feature_map.shape[-2:]
+    def pixel_side(self, feature_map: torch.Tensor) -> CrobimUPixelSide:
+        """The image-only part, `(B_images, d_model, h, w)` -> [`CrobimUPixelSide`]: shared by an image's expressions."""
         # One copy to token-major layout: the norm, the residual sum and the linears then read contiguous memory
         # (a strided residual sum at stride 4 cost more than the copy).
         pixels = flatten_map(feature_map).contiguous()
         normed = self.pixel_norm(pixels)
+        query = None if self.attention is None else self.attention.q_proj(normed)
+        return CrobimUPixelSide(pixels, query, self.vision_proj(normed), tuple(feature_map.shape[-2:]))
+
+    def forward(
+        self,
+        pixels: torch.Tensor,
+        query: torch.Tensor | None,
+        vision: torch.Tensor,
+        language: torch.Tensor,
+        language_mask: torch.Tensor,
+        sentence: torch.Tensor,
+        word_context: torch.Tensor | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Returns the modulated map `(B, d_model, *size)` and the word context `(B, h*w, d_model)` it read, from the
+        expressions' pixels, queries and vision projections (a [`CrobimUPixelSide`] selected per expression; passed
+        as tensors so that any gradient checkpointing sees them). `word_context` is read instead of the attention
+        where the scale has none.
+        """
+        height, width = size
         attention = self.attention
-        query = attention.split_heads(attention.q_proj(normed))
-        key = attention.split_heads(attention.k_proj(language))
-        value = attention.split_heads(attention.v_proj(language))
-
-        # The scores are needed for the relevance anyway, so the attention reuses them instead of computing them
-        # again inside SDPA. With few keys (the words) this is also faster than the CPU SDPA kernel. The mask is
-        # -inf (exact zeros after the softmax), so no denormal probabilities arise.
-        scores = (query @ key.transpose(-1, -2)) / math.sqrt(attention.head_dim)
-        scores = scores.masked_fill(~language_mask[:, None, None, :], float("-inf"))
-        relevance = torch.sigmoid(scores.amax(dim=-1)).mean(dim=1).unsqueeze(-1)
-        word_context = attention.out_proj((scores.softmax(dim=-1) @ value).transpose(1, 2).flatten(2))
-        word_context = word_context + (1.0 - relevance) * self.sentence_proj(sentence).unsqueeze(1)
-
-        pixels = pixels + self.fuse_proj(self.vision_proj(normed) * word_context)
-        return unflatten_tokens(pixels, height, width)
+        if attention is not None:
+            query = attention.split_heads(query)
+            key = attention.split_heads(attention.k_proj(language))
+            value = attention.split_heads(attention.v_proj(language))
+            # The scores are needed for the relevance anyway, so the attention reuses them instead of computing them
+            # again inside SDPA. With few keys (the words) this is also faster than the CPU SDPA kernel. The mask is
+            # -inf (exact zeros after the softmax), so no denormal probabilities arise.
+            scores = (query @ key.transpose(-1, -2)) / math.sqrt(attention.head_dim)
+            scores = scores.masked_fill(~language_mask[:, None, None, :], float("-inf"))
+            relevance = torch.sigmoid(scores.amax(dim=-1)).mean(dim=1).unsqueeze(-1)
+            word_context = attention.out_proj((scores.softmax(dim=-1) @ value).transpose(1, 2).flatten(2))
+            word_context = word_context + (1.0 - relevance) * self.sentence_proj(sentence).unsqueeze(1)
+        elif word_context is None:
+            raise ValueError("A scale without its own pixel-word attention needs the coarser scale's word_context.")
+        pixels = pixels + self.fuse_proj(vision * word_context)
+        return unflatten_tokens(pixels, height, width), word_context
 
 
 class CrobimULanguageGuidedAggregation(nn.Module):
@@ -389,34 +449,72 @@ class CrobimULanguageGuidedAggregation(nn.Module):
 
     Our interpretation of the aggregation: a top-down pass (stride 32 -> 4) that adds the upsampled coarser map and
     smooths with a depthwise-separable 3x3 convolution, so fine scales see the coarse language-aware context.
+
+    `lgfa_fine_attention="upsampled"` (our lighter stride-4 path): stride 4 has no pixel-word attention of its own
+    and is modulated by stride 8's word context, bilinearly upsampled; `lgfa_fine_smoothing="depthwise"` drops the
+    pointwise convolution of the stride-4 smoothing.
     """
 
     def __init__(self, config: CrobimUConfig):
         super().__init__()
+        self.config = config
         self.pixel_word_attention = nn.ModuleDict(
-            {str(stride): CrobimUPixelWordAttention(config) for stride in BACKBONE_STRIDES}
+            {
+                str(stride): CrobimUPixelWordAttention(
+                    config, reads_words=stride != 4 or config.lgfa_fine_attention == "full"
+                )
+                for stride in BACKBONE_STRIDES
+            }
         )
         self.smooth = nn.ModuleDict(
             {
                 str(stride): nn.Sequential(
                     nn.Conv2d(config.d_model, config.d_model, 3, padding=1, groups=config.d_model),
-                    nn.Conv2d(config.d_model, config.d_model, 1, bias=False),
+                    *(
+                        [nn.Conv2d(config.d_model, config.d_model, 1, bias=False)]
+                        if stride != 4 or config.lgfa_fine_smoothing == "separable"
+                        else []
+                    ),
                     nn.GroupNorm(math.gcd(8, config.d_model), config.d_model),
                 )
                 for stride in BACKBONE_STRIDES[:-1]
             }
         )
 
+    def pixel_sides(self, visual_maps: dict[int, torch.Tensor]) -> dict[int, CrobimUPixelSide]:
+        """The image-only part at every scale, once per image."""
+        return {
+            stride: self.pixel_word_attention[str(stride)].pixel_side(visual_maps[stride]) for stride in BACKBONE_STRIDES
+        }
+
     def forward(
         self,
-        visual_maps: dict[int, torch.Tensor],
+        pixel_sides: dict[int, CrobimUPixelSide],
         language: torch.Tensor,
         language_mask: torch.Tensor,
         sentence: torch.Tensor,
+        image_indices: torch.Tensor | None = None,
     ) -> dict[int, torch.Tensor]:
-        fused, coarser = {}, None
+        """
+        Returns the fused maps, stride -> `(B, d_model, h, w)`, from the output of
+        [`~CrobimULanguageGuidedAggregation.pixel_sides`] (each expression reads the image `image_indices` names).
+        """
+        fused, coarser, word_context = {}, None, None
         for stride in reversed(BACKBONE_STRIDES):
-            feature_map = self.pixel_word_attention[str(stride)](visual_maps[stride], language, language_mask, sentence)
+            pixel_word_attention = self.pixel_word_attention[str(stride)]
+            if pixel_word_attention.attention is None:
+                # Stride 8's word context on the stride-4 grid.
+                coarse_size = fused[2 * stride].shape[-2:]
+                word_context = flatten_map(
+                    F.interpolate(
+                        unflatten_tokens(word_context, *coarse_size), size=pixel_sides[stride].size, mode="bilinear",
+                        align_corners=False,
+                    )
+                )
+            side = pixel_sides[stride].select(image_indices)
+            feature_map, word_context = pixel_word_attention(
+                side.pixels, side.query, side.vision, language, language_mask, sentence, word_context, size=side.size
+            )
             if coarser is not None:
                 upsampled = F.interpolate(coarser, size=feature_map.shape[-2:], mode="bilinear", align_corners=False)
                 feature_map = feature_map + self.smooth[str(stride)](feature_map + upsampled)
@@ -463,8 +561,9 @@ class CrobimUMutualInteractionDecoder(nn.Module):
     the upsampled result of the coarser one), then a mask head at stride 4. Each level adds the 2-D sine position
     encoding to its visual tokens, so that what the words read carries where it is.
 
-    Our interpretation of the mask head: a stride-4 pixel embedding `E` (`mask_head_dim` channels) scored against a
-    projection of the decoded sentence vector, `P_coarse = <E, q> / sqrt(mask_head_dim) + b`, so the final decision
+    Our interpretation of the mask head: a stride-4 pixel embedding `E` (`mask_head_dim` channels; a 1x1 then a 3x3
+    convolution, or with `mask_head_conv="separable"` a depthwise 3x3 and a 1x1) scored against a projection of the
+    decoded sentence vector, `P_coarse = <E, q> / sqrt(mask_head_dim) + b`, so the final decision
     is conditioned on the language directly. With `mask_stride` below 4, `E` is upsampled onto the features of a
     [`CrobimUDetailStem`] and mixed with them by a 3x3 convolution before it is scored.
     """
@@ -480,10 +579,14 @@ class CrobimUMutualInteractionDecoder(nn.Module):
                 for stride in DECODER_STRIDES
             }
         )
-        self.pixel_head = nn.Sequential(
-            conv_norm_act(config.d_model, config.mask_head_dim, 1),
-            conv_norm_act(config.mask_head_dim, config.mask_head_dim, 3),
-        )
+        if config.mask_head_conv == "full":
+            smoothing = [conv_norm_act(config.mask_head_dim, config.mask_head_dim, 3)]
+        else:  # depthwise 3x3, then pointwise: about a ninth of the full 3x3's products
+            smoothing = [
+                nn.Conv2d(config.mask_head_dim, config.mask_head_dim, 3, padding=1, groups=config.mask_head_dim, bias=False),
+                conv_norm_act(config.mask_head_dim, config.mask_head_dim, 1),
+            ]
+        self.pixel_head = nn.Sequential(conv_norm_act(config.d_model, config.mask_head_dim, 1), *smoothing)
         self.detail_fuse = (
             conv_norm_act(config.mask_head_dim, config.mask_head_dim, 3) if config.mask_stride < 4 else None
         )
@@ -1148,15 +1251,16 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
                 raise ValueError("reference_labels are a training target: pass labels too.")
             reference_labels = self._check_labels(reference_labels, batch_size, height, width, pixel_values)
 
+        # Everything that depends on the image alone runs once per image; expressions pick their image's results.
         visual_maps = self.encode_image(pixel_values)
-        if image_indices is not None:
-            visual_maps = {stride: select_images(feature, image_indices) for stride, feature in visual_maps.items()}
+        image_context = self.capm.image_context(visual_maps)
+        pixel_sides = self.lgfa.pixel_sides(visual_maps)
         if text_embeddings is None:
             words, word_mask = self.encode_text(input_ids, attention_mask, token_type_ids, text_hidden_states)
 
-        language, language_mask = self.capm(words, word_mask, visual_maps)
+        language, language_mask = self.capm(words, word_mask, image_context, image_indices)
         sentence = masked_mean(language, language_mask)
-        fused_maps = self.lgfa(visual_maps, language, language_mask, sentence)
+        fused_maps = self.lgfa(pixel_sides, language, language_mask, sentence, image_indices)
 
         uncertainty_logits = uncertainty = None
         if self.rus is not None:

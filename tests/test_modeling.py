@@ -547,3 +547,94 @@ def test_position_blind_control_has_no_positions(inputs):
     inputs.pop("labels")
     with torch.no_grad():
         assert not torch.allclose(blind(**inputs).logits, sine(**inputs).logits)
+
+
+def test_image_only_work_runs_once_per_image_and_matches_copies(model):
+    # CAPM's context keys and values and LGFA's pixel norm, queries and vision projections depend on the image only.
+    inputs = tiny_inputs(batch_size=4, size=64)
+    images = inputs["pixel_values"][:2]
+    indices = torch.tensor([0, 1, 1, 0])
+    rows = {"capm keys": [], "lgfa stride-4 queries": []}
+    hooks = [
+        model.capm.layers[0].cross_attn.k_proj.register_forward_hook(
+            lambda module, args, output: rows["capm keys"].append(args[0].shape[0])
+        ),
+        model.lgfa.pixel_word_attention["4"].attention.q_proj.register_forward_hook(
+            lambda module, args, output: rows["lgfa stride-4 queries"].append(args[0].shape[0])
+        ),
+    ]
+    text = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    with torch.no_grad():
+        shared = model(pixel_values=images, image_indices=indices, **text)
+        assert rows == {"capm keys": [2], "lgfa stride-4 queries": [2]}
+        copies = model(pixel_values=images[indices], **text)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(shared.logits, copies.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.uncertainty_logits, copies.uncertainty_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_image_work_gets_the_gradient_of_every_expression(inputs):
+    # Eval mode: Swin's stochastic depth would draw per image, so two images and four copies would draw differently.
+    model = tiny_model().eval()
+    inputs = tiny_inputs(batch_size=4, size=64)
+    indices = torch.tensor([0, 1, 1, 0])
+    shared = dict(inputs, pixel_values=inputs["pixel_values"][:2], image_indices=indices)
+    copies = dict(inputs, pixel_values=inputs["pixel_values"][:2][indices])
+    grads = []
+    for batch in (shared, copies):
+        model.zero_grad()
+        model(**batch).loss.backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+LIGHTER_PATH = {
+    "lgfa_fine_attention": "upsampled",
+    "lgfa_fine_smoothing": "depthwise",
+    "mask_head_conv": "separable",
+}
+
+
+@pytest.mark.parametrize("field, value", list(LIGHTER_PATH.items()))
+def test_each_lighter_stride_4_setting_drops_work_and_trains(field, value, inputs):
+    default, lighter = tiny_model(), tiny_model(**{field: value})
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(lighter) < count(default)
+    if field == "lgfa_fine_attention":
+        assert lighter.lgfa.pixel_word_attention["4"].attention is None
+        assert lighter.lgfa.pixel_word_attention["8"].attention is not None
+    lighter.train()
+    outputs = lighter(**inputs)
+    outputs.loss.backward()
+    assert torch.isfinite(outputs.loss)
+    trained = [name for name, p in lighter.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert any(name.startswith("lgfa.pixel_word_attention.4.fuse_proj") for name in trained)
+    # The papers' path stays the default: a saved config without the field loads the old model.
+    assert getattr(CrobimUConfig(), field) == CrobimUConfig.__dataclass_fields__[field].default != value
+
+
+def test_lighter_path_with_shared_images_and_reentrant_checkpointing_matches_plain():
+    inputs = tiny_inputs(batch_size=4, size=64)
+    batch = dict(inputs, pixel_values=inputs["pixel_values"][:2], image_indices=torch.tensor([0, 1, 1, 0]))
+    plain, checkpointed = tiny_model(**LIGHTER_PATH).train(), tiny_model(**LIGHTER_PATH).train()
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    losses = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1])
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("field", list(LIGHTER_PATH))
+def test_unknown_stride_4_setting_is_refused_naming_the_field(field):
+    with pytest.raises(ValueError, match=f"{field} must be one of"):
+        tiny_config(**{field: "lighter"})
