@@ -74,6 +74,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     # The demo's recipe as it is now.
     "demo": {},
+    # The lighter stride-4 settings, each alone over the demo's model, then together (`udlr_hidden_dim` halved: the
+    # demo's `tiny` preset has 16 where the full-size presets have 64).
+    "demo, stride-4 word context from stride 8": {
+        "model_overrides": {**DEMO_MODEL_OVERRIDES, "lgfa_fine_attention": "upsampled"}
+    },
+    "demo, depthwise stride-4 smoothing": {"model_overrides": {**DEMO_MODEL_OVERRIDES, "lgfa_fine_smoothing": "depthwise"}},
+    "demo, separable pixel head": {"model_overrides": {**DEMO_MODEL_OVERRIDES, "mask_head_conv": "separable"}},
+    "demo, half-width UDLR": {"model_overrides": {**DEMO_MODEL_OVERRIDES, "udlr_hidden_dim": 8}},
+    "demo, lighter stride-4 path": {
+        "model_overrides": {
+            **DEMO_MODEL_OVERRIDES, "lgfa_fine_attention": "upsampled", "lgfa_fine_smoothing": "depthwise",
+            "mask_head_conv": "separable", "udlr_hidden_dim": 8,
+        }
+    },
 }
 
 

@@ -1,18 +1,21 @@
 """Where the time of CroBIM-U's own modules goes: torch.profiler over one forward with the encoders' outputs cached.
 
     python benchmarks/profile_decoder.py [--preset swin-base] [--batch-size 1] [--image-size 480] [--threads N]
-                                         [--repeats 3] [--top 25] [--quick]
+                                         [--repeats 3] [--top 25] [--overrides JSON] [--quick]
 
 Runs the image backbone and the text encoder once, then replaces them by their cached outputs, so that the profiled
 forward passes hold only what this package adds: the visual projections, CAPM, LGFA, RUS, UGF, MID and UDLR.
-Prints the time per module (forward hooks), then the top aten operators by CPU time, grouped by input shapes.
-fp32, `torch.inference_mode`, random initialisation.
+Prints the time per module (forward hooks; CAPM's and LGFA's image-only parts, which run once per image before
+the expressions pick their image, count to their module), then the top aten operators by CPU time, grouped by input
+shapes. `--overrides` sets config fields over the preset (e.g. `'{"lgfa_fine_attention": "upsampled"}'`). fp32,
+`torch.inference_mode`, random initialisation.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import sys
 import time
 from pathlib import Path
@@ -45,6 +48,18 @@ def top_level_ops(profile) -> dict[tuple[str, str], list[float]]:
     return totals
 
 
+def timed(function, name: str, seconds: dict[str, float]):
+    """`function`, adding its wall time to `seconds[name]`."""
+
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        result = function(*args, **kwargs)
+        seconds[name] += time.perf_counter() - started
+        return result
+
+    return wrapper
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="swin-base")
@@ -53,6 +68,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--overrides", default="{}", help="config fields over the preset, as JSON")
     parser.add_argument("--quick", action="store_true", help="tiny preset, 64x64, one repeat")
     args = parser.parse_args()
     if args.quick:
@@ -61,7 +77,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    model = CrobimUForReferringSegmentation(CrobimUConfig.from_preset(args.preset)).eval()
+    config = CrobimUConfig.from_preset(args.preset, **json.loads(args.overrides))
+    model = CrobimUForReferringSegmentation(config).eval()
     pixel_values = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     text = text_inputs(args.batch_size, model.config.text_config.vocab_size)
     with torch.inference_mode():
@@ -82,6 +99,10 @@ def main() -> None:
                 )
             )
 
+    for name, method in (("capm", "image_context"), ("lgfa", "pixel_sides")):
+        module = getattr(model, name)
+        setattr(module, method, timed(getattr(module, method), name, module_seconds))
+
     with torch.inference_mode():
         model(pixel_values=pixel_values, **text)  # warm-up
         module_seconds.clear()
@@ -94,7 +115,7 @@ def main() -> None:
             model(pixel_values=pixel_values, **text)
 
     print(f"{benchlib.cpu_model()}, {torch.get_num_threads()} thread(s), load {benchlib.load_average()}; "
-          f"{args.preset}, batch {args.batch_size} x {args.image_size}^2: fusion + decoder + uncertainty "
+          f"{args.preset} {args.overrides}, batch {args.batch_size} x {args.image_size}^2: fusion + decoder + uncertainty "
           f"{total * 1e3:.0f} ms per forward (mean of {args.repeats})")
     print("\n| module | ms | share |\n|---|---:|---:|")
     for name, seconds in sorted(per_module.items(), key=lambda item: -item[1]):

@@ -169,9 +169,15 @@ def test_demo_variants_script_trains_and_scores_a_variant(tmp_path):
     assert (recipe.batch_size, DEMO_MODEL_OVERRIDES["initializer_range"], recipe.learning_rate) == (8, 0.1, 1e-3)
     assert DEMO_MODEL_OVERRIDES["mask_stride"] == 2
     assert "num_pointers" not in demo_variants.VARIANTS["batch 8, init 0.1, lr 1e-3"]["model_overrides"]
-    # The other entries do not follow the demo's defaults: they pin what the demo has since changed.
+    # The "demo, ..." entries follow the demo's recipe and change its model only by what they add; the others do not
+    # follow the demo's defaults: they pin what the demo has since changed.
     for name, fields in demo_variants.VARIANTS.items():
-        if fields:
+        if name.startswith("demo, "):
+            assert set(fields) == {"model_overrides"}, name
+            overrides = fields["model_overrides"]
+            assert {key: overrides[key] for key in DEMO_MODEL_OVERRIDES} == DEMO_MODEL_OVERRIDES, name
+            assert len(overrides) > len(DEMO_MODEL_OVERRIDES), name
+        elif fields:
             assert {"batch_size", "learning_rate", "model_overrides"} <= set(fields), name
     output = tmp_path / "variants.json"
     run_script(
