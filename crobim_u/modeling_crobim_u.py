@@ -436,10 +436,12 @@ class CrobimUPixelWordAttention(GradientCheckpointingLayer):
             scores = scores.masked_fill(~language_mask[:, None, None, :], float("-inf"))
             relevance = torch.sigmoid(scores.amax(dim=-1)).mean(dim=1).unsqueeze(-1)
             word_context = attention.out_proj((scores.softmax(dim=-1) @ value).transpose(1, 2).flatten(2))
-            word_context = word_context + (1.0 - relevance) * self.sentence_proj(sentence).unsqueeze(1)
+            word_context = word_context.addcmul_(1.0 - relevance, self.sentence_proj(sentence).unsqueeze(1))
         elif word_context is None:
             raise ValueError("A scale without its own pixel-word attention needs the coarser scale's word_context.")
-        pixels = pixels + self.fuse_proj(vision * word_context)
+        # In place on fresh outputs (none of their backward passes reads them): at stride 4 each new tensor costs a
+        # pass over memory the allocator has just mapped.
+        pixels = self.fuse_proj(vision * word_context).add_(pixels)
         return unflatten_tokens(pixels, height, width), word_context
 
 
@@ -517,7 +519,7 @@ class CrobimULanguageGuidedAggregation(nn.Module):
             )
             if coarser is not None:
                 upsampled = F.interpolate(coarser, size=feature_map.shape[-2:], mode="bilinear", align_corners=False)
-                feature_map = feature_map + self.smooth[str(stride)](feature_map + upsampled)
+                feature_map = self.smooth[str(stride)](upsampled.add_(feature_map)).add_(feature_map)
             fused[stride] = coarser = feature_map
         return fused
 
@@ -611,9 +613,9 @@ class CrobimUMutualInteractionDecoder(nn.Module):
         for stride in (*DECODER_STRIDES, 4):
             feature_map = fused_maps[stride]
             if coarser is not None:
-                feature_map = feature_map + F.interpolate(
+                feature_map = F.interpolate(
                     coarser, size=feature_map.shape[-2:], mode="bilinear", align_corners=False
-                )
+                ).add_(feature_map)
             if stride == 4:
                 break
             height, width = feature_map.shape[-2:]
