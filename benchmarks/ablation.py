@@ -4,7 +4,8 @@ against the base that can decide.
 
     python benchmarks/ablation.py                                    # the study: 5 variants x 3 seeds
     python benchmarks/ablation.py --variants base base+RUS full      # the three that decide first (same work folder)
-    python benchmarks/ablation.py --quick                            # smoke run: 2 variants x 1 seed (< 1 min)
+    python benchmarks/ablation.py --quick                            # smoke run: 2 variants x 1 seed (< 1 min),
+                                                                     # to outputs/ablation_quick/
 
 Variants (the switches of `CrobimUConfig`, applied over the demo's model, `crobim_u.demo.DEMO_MODEL_OVERRIDES`):
 
@@ -109,6 +110,9 @@ RUN_SETTINGS = (
 # are not mixed in.
 JOURNAL_FORMAT = 2
 MARKERS = ("<!-- ablation:start -->", "<!-- ablation:end -->")
+DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "ablation.json"
+# A smoke run must not overwrite the study's results.
+QUICK_OUTPUT = "outputs/ablation_quick/ablation.json"
 CURVE_POINTS = 101
 # t(0.975, df) for df = 1..30; above 30 the Cornish-Fisher expansion in `t_quantile_975` is exact to 1e-4.
 _T_975 = (
@@ -608,7 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--work-dir", default="outputs/ablation",
         help="data, figure models and the journal of finished runs (a restart skips them); '' for a temporary folder",
     )
-    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "ablation.json"))
+    parser.add_argument(
+        "--output", help=f"results file (default: {DEFAULT_OUTPUT.relative_to(REPO)}; with --quick: {QUICK_OUTPUT})"
+    )
     parser.add_argument("--no-tables", dest="tables", action="store_false", help="leave BENCHMARKS.md and model_card.md")
     parser.add_argument("--quick", action="store_true", help="smoke run: base and full, one seed, 64 px, 6 steps")
     parser.add_argument(
@@ -642,6 +648,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.variants, args.seeds = ["base", "full"], args.seeds[:1]
         args.image_size, args.num_train, args.num_test, args.max_steps, args.batch_size = 64, 24, 12, 6, 4
         args.bootstrap, args.tables = 200, False
+    args.output = args.output or (QUICK_OUTPUT if args.quick else str(DEFAULT_OUTPUT))
     if args.batch_size % args.expressions_per_image or args.num_train % args.expressions_per_image:
         raise SystemExit(
             f"error: --batch-size ({args.batch_size}) and --num-train ({args.num_train}) must be multiples of "
