@@ -12,7 +12,7 @@ from collections.abc import Sequence
 def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate",
-        help="score a model on a data set split (Pr@0.5-0.9, oIoU, mIoU)",
+        help="score a model on a data set split (Pr@0.5-0.9, oIoU, mIoU; with RUS also how reliability ranks answers)",
         description="Scores a saved model on a referring-segmentation split and prints the table papers print.",
     )
     parser.add_argument("--model", required=True, help="checkpoint folder or Hub id")
@@ -53,12 +53,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     results = evaluate_referring_segmentation(
         model, processor, split, batch_size=args.batch_size, size=args.size, strict=args.strict,
         uncertainty_metrics=args.uncertainty_metrics, progress=args.progress,
+        reliability_metrics=model.config.use_rus,  # whenever there is an uncertainty map to read
     )
     resolution = "original resolution" if args.size is None else f"{args.size}x{args.size}"
     print(f"{args.dataset} {args.split}: {results['num_samples']} samples, scored at {resolution}")
     print(format_metric_table(results))
     if args.uncertainty_metrics:
         print(f"uncertainty: AUROC {results['auroc']:.4f}  AURC {results['aurc']:.4f}  ECE {results['ece']:.4f}")
+    if "reliability" in results:
+        ranking = results["reliability"]
+        print(
+            f"reliability: mean {ranking['mean_reliability']:.4f}; Spearman with IoU {ranking['spearman_reliability']:+.4f} "
+            f"(score {ranking['spearman_score']:+.4f}); mIoU of the 80% most reliable {ranking['mIoU_kept_80']:.4f} "
+            f"(by score {ranking['mIoU_kept_80_score']:.4f}, all {ranking['mIoU_all']:.4f})"
+        )
     output = args.output or os.path.join(args.model, f"eval_{args.dataset}_{args.split}.json")
     record = {"model": args.model, "dataset": args.dataset, "split": args.split, "resolution": resolution,
               "strict": args.strict, **results}

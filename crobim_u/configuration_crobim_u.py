@@ -21,6 +21,8 @@ LIGHTER_PATH_CHOICES = {
     "lgfa_fine_smoothing": ("separable", "depthwise"),
     "mask_head_conv": ("full", "separable"),
 }
+UDLR_MASK_MODES = ("fixed", "adaptive")
+UNCERTAINTY_TARGET_SOURCES = ("final", "coarse")
 
 # Named presets. Full-size presets follow the recipe of the field (Swin-B window 12 or ConvNeXt-B, BERT-base,
 # 480x480 inputs); `tiny` keeps tests and the CPU demo fast.
@@ -161,6 +163,19 @@ class CrobimUConfig(PreTrainedConfig):
             Uncertainty `u` at which the UDLR soft mask `M = sigmoid((u - threshold) / temperature)` is one half.
         udlr_mask_temperature (`float`, *optional*, defaults to 0.05):
             Softness of the UDLR mask.
+        udlr_mask_mode (`str`, *optional*, defaults to `"fixed"`):
+            Where the UDLR mask's midpoint sits. `"fixed"`: at `udlr_mask_threshold` for every image. `"adaptive"`
+            (our alternative): per image at `min(udlr_mask_threshold, q)`, where `q` is the uncertainty that the
+            `udlr_adaptive_share` most uncertain pixels of the image reach (at the refiner's resolution), so that the
+            mask is at least one half on at least that share of every image. Why: RUS predicts the share of wrong
+            pixels in a 32x32 cell, so a boundary error or a small missed object gives `u` of about 0.06-0.12, below
+            the fixed midpoint 0.15 (mask 0.06-0.26), and `u` shrinks as training errors become rare; a threshold
+            ranked within each image, as PointRend ranks points, keeps refining the most uncertain places whatever
+            the map's overall level. It never opens the mask less than `"fixed"`.
+        udlr_adaptive_share (`float`, *optional*, defaults to 0.1):
+            With `udlr_mask_mode="adaptive"`, the share of each image's pixels, in (0, 1), whose mask is at least one
+            half. 0.1 is about the area that a small target and its boundary touch on the coarse map of a 160-pixel
+            scene (cells of 32x32 pixels, each 4% of it).
         bce_weight (`float`, *optional*, defaults to 0.9):
             Weight of the binary cross-entropy in the segmentation loss `Lseg`.
         dice_weight (`float`, *optional*, defaults to 0.1):
@@ -173,6 +188,11 @@ class CrobimUConfig(PreTrainedConfig):
             `"soft"`: `E = |sigmoid(P) - G|`; `"hard"`: `E = 1` where the thresholded prediction is wrong.
         uncertainty_pooling (`str`, *optional*, defaults to `"avg"`):
             How the error map is pooled to the RUS grid: `"avg"` (share of error in the cell) or `"max"`.
+        uncertainty_target_source (`str`, *optional*, defaults to `"final"`):
+            The prediction whose errors make the RUS target `E`. `"final"`: the logits after UDLR. `"coarse"` (our
+            alternative): the coarse logits before UDLR, upsampled to the labels' size like the final ones, so that
+            UDLR's own corrections do not lower `E`, and with it the UDLR mask, exactly where UDLR works. Without
+            UDLR both are the same logits.
         uncertainty_warmup_steps (`int`, *optional*, defaults to 0):
             `λu` ramps linearly from 0 over this many optimisation steps (pass `global_step` to `forward`).
         detach_uncertainty (`bool`, *optional*, defaults to `True`):
@@ -215,12 +235,15 @@ class CrobimUConfig(PreTrainedConfig):
     udlr_hidden_dim: int = 64
     udlr_mask_threshold: float = 0.15
     udlr_mask_temperature: float = 0.05
+    udlr_mask_mode: str = "fixed"
+    udlr_adaptive_share: float = 0.1
     bce_weight: float = 0.9
     dice_weight: float = 0.1
     coarse_loss_weight: float = 0.4
     uncertainty_loss_weight: float = 1.0
     uncertainty_target: str = "soft"
     uncertainty_pooling: str = "avg"
+    uncertainty_target_source: str = "final"
     uncertainty_warmup_steps: int = 0
     detach_uncertainty: bool = True
     initializer_range: float = 0.02
@@ -274,6 +297,15 @@ class CrobimUConfig(PreTrainedConfig):
             raise ValueError(f"num_pointers must be >= 0, got {self.num_pointers}.")
         if self.udlr_mask_temperature <= 0:
             raise ValueError(f"udlr_mask_temperature must be > 0, got {self.udlr_mask_temperature}.")
+        if self.udlr_mask_mode not in UDLR_MASK_MODES:
+            raise ValueError(f"udlr_mask_mode must be one of {UDLR_MASK_MODES}, got {self.udlr_mask_mode!r}.")
+        if not 0 < self.udlr_adaptive_share < 1:
+            raise ValueError(f"udlr_adaptive_share must lie in (0, 1), got {self.udlr_adaptive_share}.")
+        if self.uncertainty_target_source not in UNCERTAINTY_TARGET_SOURCES:
+            raise ValueError(
+                f"uncertainty_target_source must be one of {UNCERTAINTY_TARGET_SOURCES}, got "
+                f"{self.uncertainty_target_source!r}."
+            )
         weights = ("bce_weight", "dice_weight", "coarse_loss_weight", "uncertainty_loss_weight", "pointer_loss_weight")
         for name in weights:
             if getattr(self, name) < 0:

@@ -442,28 +442,36 @@ def score_with_distractor_subset(
     batch_size: int = 32,
     uncertainty_metrics: bool = False,
     progress: bool = True,
+    reliability_metrics: bool = False,
+    return_counts: bool = False,
 ) -> dict[str, Any]:
     """
     Scores a synthetic test split and, from the same per-sample counts, its samples with a same-class distractor.
 
     Returns:
         `dict`: the metrics of [`evaluate_referring_segmentation`] on the whole split (with `uncertainty_metrics`
-        also `auroc`, `aurc`, `ece` and `risk_coverage`), under `with_distractor` those of the subset, and under
-        `by_family` the model's and the class-only reference's metrics per template family ([`metrics_by_family`]).
+        also `auroc`, `aurc`, `ece` and `risk_coverage`; with `reliability_metrics` also `reliability` and the
+        per-sample `sample_reliability` and `sample_score`), under `with_distractor` those of the subset, under
+        `by_family` the model's and the class-only reference's metrics per template family ([`metrics_by_family`]),
+        and with `return_counts` the per-sample `intersection` and `union`.
     """
     everything = evaluate_referring_segmentation(
         model, processor, test, batch_size, progress=progress, return_counts=True,
         uncertainty_metrics=uncertainty_metrics, return_risk_coverage=uncertainty_metrics,
+        reliability_metrics=reliability_metrics,
     )
     intersection, union = everything.pop("intersection"), everything.pop("union")
     distractor_metric = ReferringSegmentationMetric()
     has_distractor = torch.tensor(test["has_distractor"], dtype=torch.bool)
     distractor_metric.add_counts(intersection[has_distractor], union[has_distractor])
-    return {
+    scores = {
         **everything,
         "with_distractor": distractor_metric.compute(),
         "by_family": metrics_by_family(test, intersection, union),
     }
+    if return_counts:
+        scores.update(intersection=intersection, union=union)
+    return scores
 
 
 def metrics_by_family(test: Dataset, intersection: torch.Tensor, union: torch.Tensor) -> dict[str, Any]:

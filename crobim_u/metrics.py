@@ -21,10 +21,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# Defined beside the post-processing that reports it (that file travels with every checkpoint); re-exported here.
+from .image_processing_crobim_u import mask_reliability
+
 
 EmptyPolicy = Literal["one", "zero", "skip"]
 PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 METRIC_ORDER = tuple(f"Pr@{x}" for x in PRECISION_THRESHOLDS) + ("oIoU", "mIoU")
+# Shares of the answers set aside (least reliable first) on the selective-prediction curve, in percent.
+SET_ASIDE_PERCENTS = tuple(range(0, 100, 10))
 
 
 def _as_batch(tensor: torch.Tensor) -> torch.Tensor:
@@ -418,3 +423,114 @@ class UncertaintyQualityMetric:
             "ece": ece,
             "risk_coverage": (coverage, risk),
         }
+
+
+def average_ranks(values: "np.ndarray | Sequence[float]") -> np.ndarray:
+    """Ranks 1..n of `values` (ascending), tied values sharing the mean of the ranks they span.
+
+    Args:
+        values (array-like of shape `(n,)`): Finite numbers.
+
+    Returns:
+        `np.ndarray` of shape `(n,)`, float64.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"Expected a 1-D array, got shape {values.shape}.")
+    if not np.isfinite(values).all():
+        raise ValueError("average_ranks needs finite values, got NaN or Inf.")
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(ordered)) + 1]
+    ends = np.r_[starts[1:], len(values)]
+    ranks = np.empty(len(values))
+    ranks[order] = np.repeat((starts + ends + 1) / 2, ends - starts)  # mean of ranks start+1 .. end
+    return ranks
+
+
+def spearman_correlation(x: "np.ndarray | Sequence[float]", y: "np.ndarray | Sequence[float]") -> float:
+    """Spearman's rank correlation: the Pearson correlation of the average ranks (ties averaged, as SciPy does).
+
+    Returns:
+        `float` in [-1, 1]; NaN with fewer than two samples or where either input is constant.
+    """
+    x_ranks, y_ranks = average_ranks(x), average_ranks(y)
+    if len(x_ranks) != len(y_ranks):
+        raise ValueError(f"x and y must have one value per sample, got {len(x_ranks)} and {len(y_ranks)}.")
+    x_ranks, y_ranks = x_ranks - x_ranks.mean(), y_ranks - y_ranks.mean()
+    denominator = np.sqrt((x_ranks**2).sum() * (y_ranks**2).sum())
+    return float((x_ranks * y_ranks).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def kept_mean_iou(iou: np.ndarray, signal: np.ndarray, num_set_aside: int) -> float:
+    """mIoU of the answers kept when the `num_set_aside` answers with the lowest `signal` are set aside.
+
+    Answers tied on `signal` across the cut are taken in random order, in expectation: the kept share of a tied group
+    contributes that group's mean IoU, so the result does not depend on how a sort breaks ties (e.g. the score 0.0 of
+    every empty mask).
+    """
+    num_kept = len(iou) - num_set_aside
+    if not 0 < num_kept <= len(iou):
+        raise ValueError(f"Cannot set aside {num_set_aside} of {len(iou)} answers and keep at least one.")
+    order = np.argsort(-signal, kind="stable")
+    ordered_signal, ordered_iou = signal[order], iou[order]
+    cut = ordered_signal[num_kept - 1]
+    above, tied = ordered_signal > cut, ordered_signal == cut
+    kept_tied = num_kept - int(above.sum())
+    return float((ordered_iou[above].sum() + kept_tied * ordered_iou[tied].mean()) / num_kept)
+
+
+def rank_answers(
+    iou: "np.ndarray | Sequence[float]",
+    reliability: "np.ndarray | Sequence[float]",
+    score: "np.ndarray | Sequence[float]",
+    set_aside_percents: Sequence[int] = SET_ASIDE_PERCENTS,
+) -> dict:
+    """How well two per-answer signals rank answers by quality: `reliability` (from the uncertainty map, see
+    [`mask_reliability`]) against `score`, the baseline (mean probability inside the predicted mask).
+
+    One answer is one (image, expression) pair. For each signal: Spearman's correlation with the answer's IoU, and
+    the selective-prediction curve, the mIoU of the answers kept when the `x`% with the lowest signal are set aside
+    (`floor(x * n / 100)` answers; ties across the cut in random order, in expectation, see [`kept_mean_iou`]). A
+    signal that ranks answers well has a positive correlation and a rising curve.
+
+    Args:
+        iou (array-like of shape `(n,)`): Per-answer IoU, e.g. from [`iou_from_counts`].
+        reliability (array-like of shape `(n,)`): Per-answer reliability, higher = more reliable.
+        score (array-like of shape `(n,)`): Per-answer score, higher = more confident.
+        set_aside_percents (`Sequence[int]`, *optional*, defaults to 0, 10, ..., 90):
+            Integer percentages of answers set aside on the curves; must include 20.
+
+    Returns:
+        `dict`: `num_samples`; `mIoU_all`; `spearman_reliability` and `spearman_score`; `mIoU_kept_80` and
+        `mIoU_kept_80_score` (20% set aside by reliability, by score); `set_aside` (fractions) and the curves
+        `curve_reliability` and `curve_score` (mIoU kept at each).
+    """
+    iou = np.asarray(iou, dtype=np.float64)
+    signals = {"reliability": np.asarray(reliability, dtype=np.float64), "score": np.asarray(score, dtype=np.float64)}
+    if iou.ndim != 1 or len(iou) == 0:
+        raise ValueError(f"iou must be a non-empty 1-D array, got shape {iou.shape}.")
+    for name, values in signals.items():
+        if values.shape != iou.shape:
+            raise ValueError(f"{name} must have one value per answer: expected shape {iou.shape}, got {values.shape}.")
+        if not np.isfinite(values).all():
+            raise ValueError(f"{name} holds NaN or Inf.")
+    percents = [int(percent) for percent in set_aside_percents]
+    if 20 not in percents or any(not 0 <= percent < 100 for percent in percents):
+        raise ValueError(f"set_aside_percents must lie in [0, 100) and include 20, got {list(set_aside_percents)}.")
+    curves = {
+        name: [kept_mean_iou(iou, values, percent * len(iou) // 100) for percent in percents]
+        for name, values in signals.items()
+    }
+    at_20 = percents.index(20)
+    return {
+        "num_samples": len(iou),
+        "mIoU_all": float(iou.mean()),
+        "spearman_reliability": spearman_correlation(signals["reliability"], iou),
+        "spearman_score": spearman_correlation(signals["score"], iou),
+        "mIoU_kept_80": curves["reliability"][at_20],
+        "mIoU_kept_80_score": curves["score"][at_20],
+        "set_aside": [percent / 100 for percent in percents],
+        "curve_reliability": curves["reliability"],
+        "curve_score": curves["score"],
+    }

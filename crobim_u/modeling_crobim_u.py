@@ -852,13 +852,16 @@ class CrobimULocalRefiner(nn.Module):
     where they apply: `P = P_coarse + M * R`.
 
     Our interpretation: the last refiner layer starts at zero, so UDLR starts as the identity and learns residuals
-    only where they lower the loss.
+    only where they lower the loss. With `udlr_mask_mode="adaptive"` the threshold is per image, lowered to the
+    uncertainty its `udlr_adaptive_share` most uncertain pixels reach (see [`CrobimUConfig`]).
     """
 
     def __init__(self, config: CrobimUConfig):
         super().__init__()
         self.mask_threshold = config.udlr_mask_threshold
         self.mask_temperature = config.udlr_mask_temperature
+        self.mask_mode = config.udlr_mask_mode
+        self.adaptive_share = config.udlr_adaptive_share
         self.refiner = nn.Sequential(
             conv_norm_act(config.mask_head_dim + 2, config.udlr_hidden_dim, 3),
             conv_norm_act(config.udlr_hidden_dim, config.udlr_hidden_dim, 3),
@@ -870,8 +873,22 @@ class CrobimULocalRefiner(nn.Module):
     ) -> torch.Tensor:
         uncertainty = F.interpolate(uncertainty, size=coarse_logits.shape[-2:], mode="bilinear", align_corners=False)
         residual = self.residual(self.refiner(torch.cat([pixel_embedding, coarse_logits, uncertainty], dim=1)))
-        region = torch.sigmoid((uncertainty - self.mask_threshold) / self.mask_temperature)
+        region = torch.sigmoid((uncertainty - self.mask_threshold_of(uncertainty)) / self.mask_temperature)
         return coarse_logits + region * residual
+
+    def mask_threshold_of(self, uncertainty: torch.Tensor) -> torch.Tensor | float:
+        """
+        The mask's midpoint: `udlr_mask_threshold`, or in adaptive mode one per image `(B, 1, 1, 1)`, the k-th
+        smallest uncertainty with `k = ceil((1 - share) * pixels)` (so at least `share` of the pixels reach it),
+        capped at `udlr_mask_threshold`.
+        """
+        if self.mask_mode == "fixed":
+            return self.mask_threshold
+        values = uncertainty.flatten(1).float()
+        # kthvalue rather than quantile: no input-size limit, and the value is one of the map's own.
+        rank = min(values.shape[1], max(1, math.ceil((1 - self.adaptive_share) * values.shape[1])))
+        threshold = values.kthvalue(rank, dim=1).values.clamp(max=self.mask_threshold)
+        return threshold.view(-1, 1, 1, 1).to(uncertainty.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -904,7 +921,8 @@ def error_consistency_target(
     with the ground truth, pooled to the RUS grid.
 
     Args:
-        logits (`torch.Tensor` of shape `(B, 1, H, W)`): the final mask logits `P`.
+        logits (`torch.Tensor` of shape `(B, 1, H, W)`): the mask logits whose errors are read: the final `P`, or
+            the upsampled coarse `P_coarse` (`uncertainty_target_source`).
         targets (`torch.Tensor` of shape `(B, 1, H, W)`): the ground truth `G` in {0, 1}.
         grid_size (`tuple[int, int]`): the RUS grid `(H/32, W/32)`.
         kind (`str`): `"soft"`, `|sigmoid(P) - G|`, or `"hard"`, `1[(sigmoid(P) > 0.5) != G]`.
@@ -1286,13 +1304,17 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
             config = self.config
             segmentation = segmentation_loss(logits, labels, config.bce_weight, config.dice_weight)
             loss = segmentation
+            # Without UDLR the coarse logits are the final ones.
+            coarse_full = logits
             if self.udlr is not None:
                 coarse_full = F.interpolate(coarse_logits, size=(height, width), mode="bilinear", align_corners=False)
                 coarse = segmentation_loss(coarse_full, labels, config.bce_weight, config.dice_weight)
                 loss = loss + config.coarse_loss_weight * coarse
             if uncertainty_logits is not None:
+                # "coarse": errors before UDLR, so that UDLR's corrections do not close its own mask.
+                target_logits = coarse_full if config.uncertainty_target_source == "coarse" else logits
                 uncertainty_target = error_consistency_target(
-                    logits, labels, tuple(uncertainty_logits.shape[-2:]), config.uncertainty_target,
+                    target_logits, labels, tuple(uncertainty_logits.shape[-2:]), config.uncertainty_target,
                     config.uncertainty_pooling,
                 )
                 uncertainty_loss = F.binary_cross_entropy_with_logits(

@@ -25,6 +25,8 @@ class CrobimUReferringSegmentationPipeline(Pipeline):
     - `uncertainty` (`np.ndarray` of shape `(height, width)`, values in [0, 1]): the referring-uncertainty map,
       `None` for a model without RUS;
     - `score` (`float`): the mask's confidence (see the image processor);
+    - `reliability` (`float` in [0, 1]): one minus the mean uncertainty over the mask and a thin band around it,
+      higher = more reliable (see the image processor's `mask_reliability`); `None` for a model without RUS;
     - `expression` (`str`).
 
     Args (at call time):
@@ -88,6 +90,7 @@ class CrobimUReferringSegmentationPipeline(Pipeline):
                     "mask": Image.fromarray(mask, mode="L"),
                     "uncertainty": None if uncertainty is None else uncertainty.float().cpu().numpy(),
                     "score": float(result["score"]),
+                    "reliability": result["reliability"],
                     "expression": expression,
                 }
             )

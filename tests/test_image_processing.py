@@ -452,7 +452,7 @@ def test_post_processing_restores_each_original_size(processor):
     results = processor.post_process_referring_segmentation(model_outputs(), target_sizes=inputs.original_sizes)
     assert len(results) == 2
     for result, size in zip(results, [(800, 800), (1182, 1111)]):
-        assert set(result) == {"mask", "probabilities", "uncertainty", "score"}
+        assert set(result) == {"mask", "probabilities", "uncertainty", "score", "reliability"}
         assert result["mask"].shape == size and result["mask"].dtype == torch.bool
         assert result["probabilities"].shape == size and result["probabilities"].dtype == torch.float32
         assert result["uncertainty"].shape == size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from ..metrics import ReferringSegmentationMetric, UncertaintyQualityMetric
+from ..metrics import ReferringSegmentationMetric, UncertaintyQualityMetric, iou_from_counts, rank_answers
 
 
 def _mask_tensor(mask: Any) -> torch.Tensor:
@@ -29,6 +30,7 @@ def evaluate_referring_segmentation(
     progress: bool = True,
     return_counts: bool = False,
     return_risk_coverage: bool = False,
+    reliability_metrics: bool = False,
 ) -> dict[str, Any]:
     """
     Runs `model` over `dataset` and scores it with the field's metrics, streaming per-sample counts.
@@ -51,17 +53,25 @@ def evaluate_referring_segmentation(
             again (see [`~crobim_u.metrics.ReferringSegmentationMetric.add_counts`]).
         return_risk_coverage (`bool`, *optional*, defaults to `False`): With `uncertainty_metrics`, also return the
             risk–coverage curve as `risk_coverage`, a `(coverage, risk)` pair of NumPy arrays.
+        reliability_metrics (`bool`, *optional*, defaults to `False`): Also rank the answers by their reliability
+            and by their score, as post-processing reports them at the original resolution (models with RUS only):
+            `reliability`, the block of [`~crobim_u.metrics.rank_answers`] against the per-sample IoU, plus
+            `mean_reliability` and `mean_score`; with `return_counts` also the per-sample `sample_reliability` and
+            `sample_score` (float64 tensors).
 
     Returns:
         `dict`: `oIoU`, `mIoU`, `Pr@0.5` … `Pr@0.9` (fractions), `num_samples`, with `uncertainty_metrics` also
-        `auroc`, `aurc`, `ece`, and with `return_counts` also `intersection` and `union`.
+        `auroc`, `aurc`, `ece`, with `reliability_metrics` also `reliability`, and with `return_counts` also
+        `intersection` and `union`.
     """
     if uncertainty_metrics and not model.config.use_rus:
         raise ValueError("uncertainty_metrics needs a model with RUS (config.use_rus=True).")
+    if reliability_metrics and not model.config.use_rus:
+        raise ValueError("reliability_metrics needs a model with RUS (config.use_rus=True).")
     device = next(model.parameters()).device
     metric = ReferringSegmentationMetric(size=size, strict=strict)
     uncertainty_metric = UncertaintyQualityMetric() if uncertainty_metrics else None
-    intersections, unions = [], []
+    intersections, unions, reliabilities, scores = [], [], [], []
     for start in tqdm(range(0, len(dataset), batch_size), desc="evaluate", disable=not progress, unit="batch"):
         rows = dataset[start : start + batch_size]
         inputs = processor(images=rows["image"], text=rows["expression"])
@@ -83,12 +93,33 @@ def evaluate_referring_segmentation(
                     )
                 )
                 uncertainty_metric.update(probabilities, uncertainty, labels)
+            if reliability_metrics:
+                # The figures post-processing reports for this answer, at its original size.
+                answer = processor.post_process_referring_segmentation(
+                    SimpleNamespace(logits=logits, uncertainty_logits=outputs.uncertainty_logits[index : index + 1]),
+                    target_sizes=[tuple(labels.shape[-2:])],
+                )[0]
+                reliabilities.append(answer["reliability"])
+                scores.append(answer["score"])
     results = metric.compute()
     if uncertainty_metric is not None:
         quality = uncertainty_metric.compute()
         results.update(auroc=quality["auroc"], aurc=quality["aurc"], ece=quality["ece"])
         if return_risk_coverage:
             results["risk_coverage"] = quality["risk_coverage"]
+    if reliability_metrics:
+        iou, scored = iou_from_counts(torch.cat(intersections), torch.cat(unions), metric.empty_policy)
+        scored = scored.numpy()
+        results["reliability"] = {
+            "mean_reliability": float(np.mean(reliabilities)),
+            "mean_score": float(np.mean(scores)),
+            **rank_answers(iou.numpy()[scored], np.asarray(reliabilities)[scored], np.asarray(scores)[scored]),
+        }
+        if return_counts:
+            results.update(
+                sample_reliability=torch.tensor(reliabilities, dtype=torch.float64),
+                sample_score=torch.tensor(scores, dtype=torch.float64),
+            )
     if return_counts:
         results.update(intersection=torch.cat(intersections), union=torch.cat(unions))
     return results

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..image_processing_crobim_u import mask_reliability
 from .atomic import atomic_output, remove_partial_outputs
 from .geo import (
     OBJECT_MODES,
@@ -349,6 +350,9 @@ def _predict_input(
                     height=scene.height, width=scene.width, mode=result.mode, num_windows=result.num_windows,
                     score=round(result.score, 6), mask_area=area, mask_fraction=area / result.mask.size,
                     seconds=round(seconds, 3),
+                    reliability=None if result.uncertainty is None else round(
+                        mask_reliability(result.mask, result.uncertainty), 6
+                    ),
                 )
                 base = output_dir / f"{stem}_{index}_{_slug(result.expression)}"
                 _write_outputs(result, scene, overlay, base, record, options)
@@ -369,7 +373,7 @@ def _unique_stem(stem: str, taken: set[str]) -> str:
 def _record(path: str, expression: str, status: str, error: str | None = None) -> dict[str, Any]:
     return {
         "input": path, "expression": expression, "status": status, "error": error, "mask": None,
-        "uncertainty": None, "overlay": None, "vector": None, "score": None, "mask_area": None,
+        "uncertainty": None, "overlay": None, "vector": None, "score": None, "reliability": None, "mask_area": None,
     }
 
 
@@ -446,7 +450,8 @@ def predict_files(
     - `_overlay.png`: the mask on the image beside the uncertainty, at most `OVERLAY_MAX_SIDE` pixels high.
     One JSON line per input and expression goes to `results.jsonl`: input, expression, status (`"ok"`; `"partial"`
     when the mask and uncertainty were written but an optional output failed; `"error"`), error, output paths
-    (`None` for those not written), score, mask area (pixels) and fraction, size, mode, window count, seconds, and
+    (`None` for those not written), score, reliability (see [`~crobim_u.image_processing_crobim_u.mask_reliability`];
+    `None` for a model without RUS), mask area (pixels) and fraction, size, mode, window count, seconds, and
     for vector outputs their format and feature count, for georeferenced rasters the output CRS.
 
     Each file is written under a temporary name and renamed into place when complete, and an input's records are
