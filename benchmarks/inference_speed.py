@@ -2,7 +2,7 @@
 
     python benchmarks/inference_speed.py [--presets swin-base convnext-base] [--batch-sizes 1 8]
                                          [--image-size 480] [--repeats 5] [--batched-repeats 3] [--threads N]
-                                         [--no-clipseg] [--quick] [--output PATH]
+                                         [--no-clipseg] [--overrides JSON] [--quick] [--output PATH]
 
 For each batch size, every case below runs once per round, in interleaved rounds (one untimed warm-up round, then
 `--repeats` timed rounds; `--batched-repeats` for batches above 1), so that other processes on the machine slow
@@ -28,6 +28,7 @@ into `inference_speed-quick.json`).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -54,9 +55,12 @@ def text_inputs(batch_size: int, vocab_size: int, length: int = TEXT_LENGTH, see
     return {"input_ids": input_ids * attention_mask, "attention_mask": attention_mask}
 
 
-def build_crobim(preset: str, quick: bool) -> tuple[CrobimUForReferringSegmentation, CrobimUForReferringSegmentation]:
+def build_crobim(
+    preset: str, quick: bool, changes: dict | None = None
+) -> tuple[CrobimUForReferringSegmentation, CrobimUForReferringSegmentation]:
     """The full model and its CroBIM base; the base shares the encoder modules (same weights, less memory)."""
     overrides = {"text_config": {"vocab_size": 1000}} if quick else {}
+    overrides.update(changes or {})
     torch.manual_seed(0)
     full = CrobimUForReferringSegmentation(CrobimUConfig.from_preset(preset, **overrides)).eval()
     torch.manual_seed(0)
@@ -91,6 +95,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-clipseg", action="store_true", help="leave out the CLIPSeg peer")
+    parser.add_argument("--overrides", default="{}", help="config fields over every preset, as JSON")
     parser.add_argument("--quick", action="store_true", help="tiny preset, 64x64, two rounds: a smoke test")
     parser.add_argument("--output", help="JSON path (default benchmarks/results/inference_speed[-quick].json)")
     args = parser.parse_args()
@@ -109,7 +114,7 @@ def main() -> None:
 
     models = {}
     for preset in args.presets:
-        full, base = build_crobim(preset, args.quick)
+        full, base = build_crobim(preset, args.quick, json.loads(args.overrides))
         encoders = benchlib.parameter_count(full.backbone) + benchlib.parameter_count(full.text_encoder)
         models[preset] = (full, base)
         results["models"][preset] = {

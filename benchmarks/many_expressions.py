@@ -18,6 +18,7 @@ the same logits. Writes `benchmarks/results/many_expressions.json` (`--quick`: t
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--overrides", default="{}", help="config fields over the preset, as JSON")
     parser.add_argument("--quick", action="store_true", help="tiny preset, 64x64, two rounds: a smoke test")
     parser.add_argument("--output", help="JSON path (default benchmarks/results/many_expressions[-quick].json)")
     args = parser.parse_args()
@@ -52,6 +54,7 @@ def main() -> None:
 
     results = {"environment": benchlib.environment(), "settings": vars(args)}
     overrides = {"text_config": {"vocab_size": 1000}} if args.quick else {}
+    overrides.update(json.loads(args.overrides))
     torch.manual_seed(0)
     model = CrobimUForReferringSegmentation(CrobimUConfig.from_preset(args.preset, **overrides)).eval()
     n = args.expressions
