@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from transformers.utils import ModelOutput
 
 
@@ -135,4 +135,14 @@ def gather_shares(share: list[Item], state: PartialState | None) -> list[Item]:
     return gather_object(share)
 
 
-__all__ = ["DTYPES", "AutocastModel", "autocast_model", "check_dtype", "gather_shares", "own_share", "process_state"]
+def from_main_process(objects: list[Any], state: PartialState | None) -> list[Any]:
+    """The main process's `objects` on every process (`objects` itself in one process)."""
+    if state is None or state.num_processes == 1:
+        return objects
+    return broadcast_object_list(list(objects))
+
+
+__all__ = [
+    "DTYPES", "AutocastModel", "autocast_model", "check_dtype", "from_main_process", "gather_shares", "own_share",
+    "process_state",
+]

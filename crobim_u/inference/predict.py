@@ -46,7 +46,7 @@ from .geo import (
     write_uncertainty_geotiff,
 )
 from .loading import load_checkpoint_or_exit
-from .parallel import DTYPES, autocast_model, check_dtype, gather_shares, own_share, process_state
+from .parallel import DTYPES, autocast_model, check_dtype, from_main_process, gather_shares, own_share, process_state
 from .tiling import (
     MODES,
     ArrayScene,
@@ -499,28 +499,28 @@ def predict_files(
     output_dir.mkdir(parents=True, exist_ok=True)
     is_main = state is None or state.is_main_process
     several = state is not None and state.num_processes > 1
+    paths: list[str] = []
+    done: dict[str, list[dict[str, Any]]] = {}
     if is_main:
         remove_partial_outputs(output_dir)
-    paths = expand_inputs(inputs, options.recursive)
-    # Every input takes its name, done or not, in input order; a URL's name is that of its path.
-    stems: set[str] = set()
-    names = [
-        _unique_stem(Path(urlsplit(path).path if is_remote(path) else path).stem or "input", stems) for path in paths
-    ]
-    done = completed_records(output_dir, paths, expressions) if resume else {}
-    if done and progress and is_main:
-        tqdm.write(f"resume: {len(done)} of {len(paths)} inputs already done in {output_dir}, skipped")
-    if several:
-        state.wait_for_everyone()  # every process has read the earlier records before they are rewritten
-    if is_main:
+        paths = expand_inputs(inputs, options.recursive)
+        done = completed_records(output_dir, paths, expressions) if resume else {}
+        if done and progress:
+            tqdm.write(f"resume: {len(done)} of {len(paths)} inputs already done in {output_dir}, skipped")
         # The records kept from the earlier run replace results.jsonl in one rename, then the processes' files they
         # came from go (a kill in between leaves copies, which resume reads as one). New records are appended.
         with atomic_output(output_dir / RESULTS_FILE) as temporary, open(temporary, "w") as results_file:
             results_file.writelines(json.dumps(record) + "\n" for path in paths for record in done.get(path, []))
         for file in output_dir.glob(PROCESS_RESULTS_GLOB):
             file.unlink(missing_ok=True)
-    if several:
-        state.wait_for_everyone()
+    # Every process shares out the main process's list (a folder may change while the processes start); the others
+    # wait here until the main process has put the earlier records in place.
+    paths, done = from_main_process([paths, done], state)
+    # Every input takes its name, done or not, in input order; a URL's name is that of its path.
+    stems: set[str] = set()
+    names = [
+        _unique_stem(Path(urlsplit(path).path if is_remote(path) else path).stem or "input", stems) for path in paths
+    ]
     pending = own_share([index for index, path in enumerate(paths) if path not in done], state)
     own_file = _process_results_file(output_dir, state.process_index) if several else output_dir / RESULTS_FILE
     new_records: list[tuple[int, list[dict[str, Any]]]] = []
