@@ -26,35 +26,44 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--uncertainty-metrics", "--uncertainty_metrics", dest="uncertainty_metrics",
                         action="store_true", help="also AUROC/AURC/ECE of the uncertainty map")
     parser.add_argument("--output", help="JSON file for the results (default: <model>/eval_<dataset>_<split>.json)")
-    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    parser.add_argument("--device",
+                        help="torch device (default: the process's accelerate device: cuda:<local rank> where CUDA is "
+                             "available, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="precision of the forward passes (torch.autocast; metrics are computed in float32): "
+                             "float32 (default), bfloat16 (CPU or GPU) or float16 (GPU only)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.set_defaults(handler=_evaluate)
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .data import load_referring_dataset
     from .inference.evaluation import evaluate_referring_segmentation
     from .inference.loading import load_checkpoint_or_exit
+    from .inference.parallel import autocast_model, check_dtype, process_state
     from .metrics import format_metric_table
 
-    dataset = load_referring_dataset(args.dataset, args.data_dir)
+    try:
+        # Under `accelerate launch` / `torchrun` this joins the other processes; alone, it is a state of one.
+        state, device = process_state(args.device)
+        dtype = check_dtype(args.dtype, device)
+    except (ValueError, RuntimeError) as error:
+        raise SystemExit(f"error: {error}") from None
+    with state.main_process_first():  # one process fills the datasets cache, the others read it
+        dataset = load_referring_dataset(args.dataset, args.data_dir)
     if args.split not in dataset:
         raise SystemExit(f"error: split {args.split!r} not in the data set; it has {sorted(dataset)}.")
     split = dataset[args.split]
     if args.limit is not None:
         split = split.select(range(min(args.limit, len(split))))
-    model, processor = load_checkpoint_or_exit(args.model, args.device)
+    model, processor = load_checkpoint_or_exit(args.model, device)
     results = evaluate_referring_segmentation(
-        model, processor, split, batch_size=args.batch_size, size=args.size, strict=args.strict,
-        uncertainty_metrics=args.uncertainty_metrics, progress=args.progress,
+        autocast_model(model, dtype), processor, split, batch_size=args.batch_size, size=args.size,
+        strict=args.strict, uncertainty_metrics=args.uncertainty_metrics, progress=args.progress, state=state,
         reliability_metrics=model.config.use_rus,  # whenever there is an uncertainty map to read
     )
+    if not state.is_main_process:  # every process has the gathered results; one prints and writes them
+        return 0
     resolution = "original resolution" if args.size is None else f"{args.size}x{args.size}"
     print(f"{args.dataset} {args.split}: {results['num_samples']} samples, scored at {resolution}")
     print(format_metric_table(results))
@@ -69,7 +78,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         )
     output = args.output or os.path.join(args.model, f"eval_{args.dataset}_{args.split}.json")
     record = {"model": args.model, "dataset": args.dataset, "split": args.split, "resolution": resolution,
-              "strict": args.strict, **results}
+              "strict": args.strict, "dtype": args.dtype, **results}
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as file:
         json.dump(record, file, indent=2)

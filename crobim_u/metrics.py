@@ -386,6 +386,18 @@ class UncertaintyQualityMetric:
             uncertainty (`torch.Tensor`, same shape): Uncertainty in [0, 1], already at the labels' size.
             labels (`torch.Tensor` of shape `(B, H, W)` or `(B, 1, H, W)`): Ground truth, foreground where `> 0`.
         """
+        self.add_histograms(*self.histograms(probabilities, uncertainty, labels))
+
+    def histograms(
+        self, probabilities: torch.Tensor, uncertainty: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch's histograms, not yet added (see [`update`] for the arguments).
+
+        Returns:
+            `tuple(torch.Tensor, torch.Tensor, torch.Tensor)`: the uncertainty histogram `(num_bins, 2)` (correct,
+            error) and the foreground histogram `(num_calibration_bins, 2)` (background, foreground), int64, and the
+            probability sums per calibration bin `(num_calibration_bins,)`, float64, on the batch's device.
+        """
         probabilities = _as_batch(probabilities).flatten()
         device = probabilities.device
         uncertainty = _as_batch(uncertainty).flatten().to(device)
@@ -399,10 +411,21 @@ class UncertaintyQualityMetric:
         probability_sums = torch.bincount(
             probability_bins, weights=probabilities.double(), minlength=self.num_calibration_bins
         )
+        return uncertainty_histogram.view(-1, 2), foreground_histogram.view(-1, 2), probability_sums
+
+    def add_histograms(
+        self, uncertainty_histogram: torch.Tensor, foreground_histogram: torch.Tensor, probability_sums: torch.Tensor
+    ) -> None:
+        """Add histograms from [`histograms`], e.g. those another process computed.
+
+        The counts are integers, exact in any order; the float64 probability sums are exact only when added in the
+        same order, so add them sample by sample in data set order to reproduce a one-process run bit for bit.
+        """
+        device = uncertainty_histogram.device
         # Replaced rather than updated in place, on the batch's device (see `ReferringSegmentationMetric.add_counts`).
-        self._uncertainty_histogram = self._uncertainty_histogram.to(device) + uncertainty_histogram.view(-1, 2)
-        self._foreground_histogram = self._foreground_histogram.to(device) + foreground_histogram.view(-1, 2)
-        self._probability_sums = self._probability_sums.to(device) + probability_sums
+        self._uncertainty_histogram = self._uncertainty_histogram.to(device) + uncertainty_histogram
+        self._foreground_histogram = self._foreground_histogram.to(device) + foreground_histogram.to(device)
+        self._probability_sums = self._probability_sums.to(device) + probability_sums.to(device)
 
     def compute(self) -> dict:
         """Metrics over every pixel added since the last reset.

@@ -8,10 +8,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from ..metrics import ReferringSegmentationMetric, UncertaintyQualityMetric, iou_from_counts, rank_answers
+from ..metrics import (
+    ReferringSegmentationMetric,
+    UncertaintyQualityMetric,
+    intersection_and_union,
+    iou_from_counts,
+    rank_answers,
+)
+from .parallel import gather_shares, own_share
 
 
 def _mask_tensor(mask: Any) -> torch.Tensor:
@@ -31,12 +39,17 @@ def evaluate_referring_segmentation(
     return_counts: bool = False,
     return_risk_coverage: bool = False,
     reliability_metrics: bool = False,
+    state: PartialState | None = None,
 ) -> dict[str, Any]:
     """
     Runs `model` over `dataset` and scores it with the field's metrics, streaming per-sample counts.
 
     Each prediction is upsampled to its ground truth's original size (or, with `size`, both are resized to
     `size × size`) before counting, so the numbers do not depend on the model's input resolution.
+
+    With a `state` of several processes, each process runs a contiguous share of the batches, and the per-sample
+    counts of every process are gathered and added in data set order: every process returns the metrics of a
+    one-process run, bit for bit (the batches are those of one process, so each sample's forward pass is too).
 
     Args:
         model ([`CrobimUForReferringSegmentation`]): The model, in eval mode on its device.
@@ -47,7 +60,7 @@ def evaluate_referring_segmentation(
         strict (`bool`, *optional*, defaults to `False`): Pr@X counts `IoU > X` instead of `IoU ≥ X`.
         uncertainty_metrics (`bool`, *optional*, defaults to `False`): Also compute AUROC, AURC and ECE of the
             uncertainty map (models with RUS only; at the original resolution).
-        progress (`bool`, *optional*, defaults to `True`): Show a progress bar.
+        progress (`bool`, *optional*, defaults to `True`): Show a progress bar (on the main process only).
         return_counts (`bool`, *optional*, defaults to `False`): Also return the per-sample `intersection` and
             `union` counts (int64 tensors in data set order), so subsets can be scored without running the model
             again (see [`~crobim_u.metrics.ReferringSegmentationMetric.add_counts`]).
@@ -58,6 +71,9 @@ def evaluate_referring_segmentation(
             `reliability`, the block of [`~crobim_u.metrics.rank_answers`] against the per-sample IoU, plus
             `mean_reliability` and `mean_score`; with `return_counts` also the per-sample `sample_reliability` and
             `sample_score` (float64 tensors).
+        state (`accelerate.PartialState`, *optional*): The processes to share the data set between (see
+            [`~crobim_u.inference.parallel.process_state`]); every one of them must call this function. By default
+            this process does everything.
 
     Returns:
         `dict`: `oIoU`, `mIoU`, `Pr@0.5` … `Pr@0.9` (fractions), `num_samples`, with `uncertainty_metrics` also
@@ -69,10 +85,15 @@ def evaluate_referring_segmentation(
     if reliability_metrics and not model.config.use_rus:
         raise ValueError("reliability_metrics needs a model with RUS (config.use_rus=True).")
     device = next(model.parameters()).device
-    metric = ReferringSegmentationMetric(size=size, strict=strict)
     uncertainty_metric = UncertaintyQualityMetric() if uncertainty_metrics else None
-    intersections, unions, reliabilities, scores = [], [], [], []
-    for start in tqdm(range(0, len(dataset), batch_size), desc="evaluate", disable=not progress, unit="batch"):
+    # Whole batches are shared out, not samples: a sample's forward pass then sees the same batch (padding, shapes)
+    # as in one process, and its counts are the same.
+    starts = own_share(range(0, len(dataset), batch_size), state)
+    is_main = state is None or state.is_main_process
+    samples = []  # per sample: intersection, union and, for the uncertainty metrics, its probability sums
+    reliability_and_score = []  # per sample, with reliability_metrics
+    integer_histograms = None  # summed here: integer counts add up exactly in any order
+    for start in tqdm(starts, desc="evaluate", disable=not progress or not is_main, unit="batch"):
         rows = dataset[start : start + batch_size]
         inputs = processor(images=rows["image"], text=rows["expression"])
         inputs.pop("original_sizes")
@@ -80,9 +101,8 @@ def evaluate_referring_segmentation(
         for index, mask in enumerate(rows["mask"]):
             labels = _mask_tensor(mask).to(device)[None]
             logits = outputs.logits[index : index + 1]
-            intersection, union = metric.update(logits, labels)
-            intersections.append(intersection.cpu())
-            unions.append(union.cpu())
+            intersection, union = intersection_and_union(logits, labels, size=size)
+            sample = [int(intersection.item()), int(union.item())]
             if uncertainty_metric is not None:
                 full_size = tuple(labels.shape[-2:])
                 probabilities = torch.sigmoid(F.interpolate(logits, size=full_size, mode="bilinear", align_corners=False))
@@ -92,24 +112,47 @@ def evaluate_referring_segmentation(
                         align_corners=False,
                     )
                 )
-                uncertainty_metric.update(probabilities, uncertainty, labels)
+                *histograms, probability_sums = uncertainty_metric.histograms(probabilities, uncertainty, labels)
+                histograms = [histogram.cpu() for histogram in histograms]
+                if integer_histograms is not None:
+                    histograms = [total + histogram for total, histogram in zip(integer_histograms, histograms)]
+                integer_histograms = histograms
+                sample.append(probability_sums.cpu().tolist())
             if reliability_metrics:
                 # The figures post-processing reports for this answer, at its original size.
                 answer = processor.post_process_referring_segmentation(
                     SimpleNamespace(logits=logits, uncertainty_logits=outputs.uncertainty_logits[index : index + 1]),
                     target_sizes=[tuple(labels.shape[-2:])],
                 )[0]
-                reliabilities.append(answer["reliability"])
-                scores.append(answer["score"])
+                reliability_and_score.append((answer["reliability"], answer["score"]))
+            samples.append(sample)
+    samples = gather_shares(samples, state)
+    reliability_and_score = gather_shares(reliability_and_score, state)
+    # Counts are added sample by sample in data set order, as one process adds them: float sums come out the same.
+    metric = ReferringSegmentationMetric(size=size, strict=strict)
+    intersections = torch.tensor([sample[0] for sample in samples], dtype=torch.int64)
+    unions = torch.tensor([sample[1] for sample in samples], dtype=torch.int64)
+    for index in range(len(samples)):
+        metric.add_counts(intersections[index : index + 1], unions[index : index + 1])
     results = metric.compute()
     if uncertainty_metric is not None:
+        shares = [share for share in gather_shares([integer_histograms], state) if share is not None]
+        if shares:
+            uncertainty_histogram = sum(share[0] for share in shares)
+            foreground_histogram = sum(share[1] for share in shares)
+            probability_sums = torch.zeros(uncertainty_metric.num_calibration_bins, dtype=torch.float64)
+            for sample in samples:
+                probability_sums = probability_sums + torch.tensor(sample[2], dtype=torch.float64)
+            uncertainty_metric.add_histograms(uncertainty_histogram, foreground_histogram, probability_sums)
         quality = uncertainty_metric.compute()
         results.update(auroc=quality["auroc"], aurc=quality["aurc"], ece=quality["ece"])
         if return_risk_coverage:
             results["risk_coverage"] = quality["risk_coverage"]
     if reliability_metrics:
-        iou, scored = iou_from_counts(torch.cat(intersections), torch.cat(unions), metric.empty_policy)
+        iou, scored = iou_from_counts(intersections, unions, metric.empty_policy)
         scored = scored.numpy()
+        reliabilities = [reliability for reliability, _ in reliability_and_score]
+        scores = [score for _, score in reliability_and_score]
         results["reliability"] = {
             "mean_reliability": float(np.mean(reliabilities)),
             "mean_score": float(np.mean(scores)),
@@ -121,7 +164,7 @@ def evaluate_referring_segmentation(
                 sample_score=torch.tensor(scores, dtype=torch.float64),
             )
     if return_counts:
-        results.update(intersection=torch.cat(intersections), union=torch.cat(unions))
+        results.update(intersection=intersections, union=unions)
     return results
 
 

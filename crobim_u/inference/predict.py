@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -46,6 +47,7 @@ from .geo import (
     write_uncertainty_geotiff,
 )
 from .loading import load_checkpoint_or_exit
+from .parallel import DTYPES, autocast_model, check_dtype, from_main_process, gather_shares, own_share, process_state
 from .tiling import (
     MODES,
     ArrayScene,
@@ -69,6 +71,9 @@ OVERLAY_MAX_SIDE = 2048
 MEMORY_BUDGET = 2 * 2**30
 BYTES_PER_PIXEL = 9
 RESULTS_FILE = "results.jsonl"
+# Under several processes each appends its records to its own file, merged into RESULTS_FILE at the end; a killed
+# run leaves them for --resume, whatever the number of processes that resumes it.
+PROCESS_RESULTS_GLOB = "results.rank-*.jsonl"
 # Fast PNG compression: level 6 (Pillow's default) spends several times longer for ~10% smaller files.
 PNG_OPTIONS = {"compress_level": 1}
 OUTPUT_FIELDS = ("mask", "uncertainty", "overlay", "vector")
@@ -392,18 +397,24 @@ def _read_results(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _process_results_file(output_dir: Path, process_index: int) -> Path:
+    return output_dir / PROCESS_RESULTS_GLOB.replace("*", str(process_index))
+
+
 def completed_records(
     output_dir: str | os.PathLike, paths: Sequence[str], expressions: Sequence[str]
 ) -> dict[str, list[dict[str, Any]]]:
     """
     The inputs of `paths` already done in `output_dir`, each with its records in expression order.
 
-    An input is done when `results.jsonl` holds an `"ok"` record for each of `expressions` and every output file
-    these records name exists (outputs are renamed into place only when complete). Inputs that failed, or that a
-    killed run left partly written, are not done.
+    An input is done when `results.jsonl` or a process's `results.rank-<k>.jsonl` (left by a killed run on several
+    processes, whatever their number) holds an `"ok"` record for each of `expressions` and every output file these
+    records name exists (outputs are renamed into place only when complete). Inputs that failed, or that a killed run
+    left partly written, are not done.
     """
     found: dict[tuple[str, str], dict[str, Any]] = {}
-    for record in _read_results(Path(output_dir) / RESULTS_FILE):
+    files = [Path(output_dir) / RESULTS_FILE, *sorted(Path(output_dir).glob(PROCESS_RESULTS_GLOB))]
+    for record in (record for file in files for record in _read_results(file)):
         files = [record.get(field) for field in OUTPUT_FIELDS if record.get(field)]
         if record.get("status") == "ok" and files and all(os.path.isfile(file) for file in files):
             found[(record.get("input"), record.get("expression"))] = record
@@ -437,6 +448,7 @@ def predict_files(
     options: PredictOptions | None = None,
     progress: bool = True,
     resume: bool = False,
+    state: PartialState | None = None,
 ) -> list[dict[str, Any]]:
     r"""
     Segments every expression in every input and writes the outputs to `output_dir`.
@@ -457,6 +469,11 @@ def predict_files(
     Each file is written under a temporary name and renamed into place when complete, and an input's records are
     appended once all its files are in place, so a killed run never leaves a half-written output that counts as done.
 
+    With a `state` of several processes, each process segments a contiguous share of the inputs still to do and
+    appends its records to its own `results.rank-<k>.jsonl`; at the end the main process writes `results.jsonl` in
+    input order, as one process would, and removes those files. Output names are settled over every input first, so
+    the files are those of a one-process run.
+
     Args:
         model ([`CrobimUForReferringSegmentation`]): The model, in eval mode.
         processor ([`CrobimUProcessor`]): Its processor.
@@ -468,9 +485,12 @@ def predict_files(
         resume (`bool`, *optional*, defaults to `False`): Skip the inputs an earlier run into `output_dir` completed
             (see [`completed_records`]) and keep their records; the others are segmented again. Without it,
             `results.jsonl` starts afresh.
+        state (`accelerate.PartialState`, *optional*): The processes to share the inputs between (see
+            [`~crobim_u.inference.parallel.process_state`]); every one of them must call this function with the same
+            arguments. By default this process does everything.
 
     Returns:
-        `list[dict]`: The records written to `results.jsonl`, in input order.
+        `list[dict]`: The records written to `results.jsonl`, in input order (the same list on every process).
 
     Raises:
         `ValueError`: No expression, or one the processor refuses (empty, whitespace only), before any input is read.
@@ -482,26 +502,41 @@ def predict_files(
     output_dir = Path(output_dir)
     check_output_dir(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    remove_partial_outputs(output_dir)
-    paths = expand_inputs(inputs, options.recursive)
-    done = completed_records(output_dir, paths, expressions) if resume else {}
-    if done and progress:
-        tqdm.write(f"resume: {len(done)} of {len(paths)} inputs already done in {output_dir}, skipped")
-    # The records kept from the earlier run replace results.jsonl in one rename; new records are appended to it.
-    with atomic_output(output_dir / RESULTS_FILE) as temporary, open(temporary, "w") as results_file:
-        results_file.writelines(json.dumps(record) + "\n" for path in paths for record in done.get(path, []))
-    records: list[dict[str, Any]] = []
+    is_main = state is None or state.is_main_process
+    several = state is not None and state.num_processes > 1
+    paths: list[str] = []
+    done: dict[str, list[dict[str, Any]]] = {}
+    if is_main:
+        remove_partial_outputs(output_dir)
+        paths = expand_inputs(inputs, options.recursive)
+        done = completed_records(output_dir, paths, expressions) if resume else {}
+        if done and progress:
+            tqdm.write(f"resume: {len(done)} of {len(paths)} inputs already done in {output_dir}, skipped")
+        # The records kept from the earlier run replace results.jsonl in one rename, then the processes' files they
+        # came from go (a kill in between leaves copies, which resume reads as one). New records are appended.
+        with atomic_output(output_dir / RESULTS_FILE) as temporary, open(temporary, "w") as results_file:
+            results_file.writelines(json.dumps(record) + "\n" for path in paths for record in done.get(path, []))
+        for file in output_dir.glob(PROCESS_RESULTS_GLOB):
+            file.unlink(missing_ok=True)
+    # Every process shares out the main process's list (a folder may change while the processes start); the others
+    # wait here until the main process has put the earlier records in place.
+    paths, done = from_main_process([paths, done], state)
+    # Every input takes its name, done or not, in input order; a URL's name is that of its path.
     stems: set[str] = set()
-    with open(output_dir / RESULTS_FILE, "a") as results_file:
-        for path in tqdm(paths, desc="predict", unit="input", disable=not progress):
-            # Every input takes its name, done or not; a URL's name is that of its path.
-            stem = _unique_stem(Path(urlsplit(path).path if is_remote(path) else path).stem or "input", stems)
-            if path in done:
-                records += done[path]
-                continue
+    names = [
+        _unique_stem(Path(urlsplit(path).path if is_remote(path) else path).stem or "input", stems) for path in paths
+    ]
+    pending = own_share([index for index, path in enumerate(paths) if path not in done], state)
+    own_file = _process_results_file(output_dir, state.process_index) if several else output_dir / RESULTS_FILE
+    new_records: list[tuple[int, list[dict[str, Any]]]] = []
+    with open(own_file, "a") as results_file:
+        for index in tqdm(pending, desc="predict", unit="input", disable=not progress or not is_main):
+            path = paths[index]
             input_records: list[dict[str, Any]] = []
             try:
-                _predict_input(path, stem, model, processor, expressions, output_dir, options, input_records, progress)
+                _predict_input(
+                    path, names[index], model, processor, expressions, output_dir, options, input_records, progress
+                )
             except Exception as error:  # a bad input is reported and skipped, the others go on
                 message = f"{type(error).__name__}: {error}"
                 done_expressions = {record["expression"] for record in input_records}
@@ -513,7 +548,17 @@ def predict_files(
             for record in input_records:
                 results_file.write(json.dumps(record) + "\n")
             results_file.flush()
-            records += input_records
+            new_records.append((index, input_records))
+    new = dict(gather_shares(new_records, state))
+    records = [record for index, path in enumerate(paths) for record in done.get(path) or new[index]]
+    if is_main and (done or several):
+        # In input order, as an uninterrupted one-process run writes it: kept and new records were written apart.
+        with atomic_output(output_dir / RESULTS_FILE) as temporary, open(temporary, "w") as results_file:
+            results_file.writelines(json.dumps(record) + "\n" for record in records)
+        for file in output_dir.glob(PROCESS_RESULTS_GLOB):
+            file.unlink(missing_ok=True)
+    if several:
+        state.wait_for_everyone()  # results.jsonl is complete when any process returns
     return records
 
 
@@ -574,7 +619,12 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
                              "images)")
     parser.add_argument("--dst-crs", "--dst_crs", dest="dst_crs", metavar="CRS",
                         help="reproject the rasters and vectors of georeferenced inputs, e.g. EPSG:3857")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--device",
+                        help="torch device (default: the process's accelerate device: cuda:<local rank> where CUDA is "
+                             "available, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                        help="precision of the forward passes (torch.autocast; outputs stay float32/uint8): float32 "
+                             "(default), bfloat16 (CPU or GPU) or float16 (GPU only)")
     parser.add_argument("--resume", action="store_true",
                         help="skip inputs that an earlier (possibly killed) run into --output completed: listed as ok "
                              f"in {RESULTS_FILE} with every output file present; the others are segmented again")
@@ -583,8 +633,6 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import torch
-
     # Every argument is checked before the model loads, so a bad one costs one message, not one per input.
     try:
         options = PredictOptions(
@@ -597,7 +645,10 @@ def _predict(args: argparse.Namespace) -> int:
             if not expression.strip():
                 raise ValueError(f"--expression number {index + 1} is empty; a referring expression needs words.")
         check_output_dir(args.output)
-    except (ValueError, OSError, ImportError) as error:
+        # Under `accelerate launch` / `torchrun` this joins the other processes; alone, it is a state of one.
+        state, device = process_state(args.device)
+        dtype = check_dtype(args.dtype, device)
+    except (ValueError, OSError, ImportError, RuntimeError) as error:
         raise SystemExit(f"error: {error}") from None
     if not expand_inputs(args.inputs, args.recursive):
         message = [f"error: no input images found in {', '.join(args.inputs)}",
@@ -605,14 +656,14 @@ def _predict(args: argparse.Namespace) -> int:
         if not args.recursive:
             message.append("Subfolders of folder inputs are not searched; add --recursive to include them.")
         raise SystemExit(" ".join(message))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = load_checkpoint_or_exit(args.model, device)
     try:
         check_expressions(processor, args.expression)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     records = predict_files(
-        model, processor, args.inputs, args.expression, args.output, options, args.progress, resume=args.resume
+        autocast_model(model, dtype), processor, args.inputs, args.expression, args.output, options, args.progress,
+        resume=args.resume, state=state,
     )
     problems: dict[str, dict[str, Any]] = {}  # per input, its first failed record, else its first partial one
     for record in records:
@@ -621,6 +672,8 @@ def _predict(args: argparse.Namespace) -> int:
             problems[record["input"]] = record
     failed = [path for path, record in problems.items() if record["status"] == "error"]
     inputs = list(dict.fromkeys(record["input"] for record in records))
+    if not state.is_main_process:  # every process has every record (the same exit status); one prints them
+        return 1 if problems else 0
     print(
         f"{len(inputs)} inputs x {len(args.expression)} expressions: {len(inputs) - len(problems)} inputs done, "
         f"{len(problems) - len(failed)} partly done, {len(failed)} failed; results in "
