@@ -189,6 +189,22 @@ def test_a_run_killed_under_two_processes_resumes_under_one(workspace, one_proce
 
 
 @pytest.mark.slow  # multi-process, as the DDP training tests
+def assert_same_metrics(actual, expected, path: str = "results") -> None:
+    """The same keys and structure, integers and strings exactly, floats within 1e-3."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), path
+        for key in expected:
+            assert_same_metrics(actual[key], expected[key], f"{path}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), path
+        for index, (a, e) in enumerate(zip(actual, expected)):
+            assert_same_metrics(a, e, f"{path}[{index}]")
+    elif isinstance(expected, float):
+        assert actual == pytest.approx(expected, abs=1e-3), path
+    else:
+        assert actual == expected, path
+
+
 def test_evaluate_on_two_processes_gives_the_metrics_of_one(workspace, tmp_path):
     model = workspace["model"]
     # 7 samples in batches of 2: the processes take 2 batches each, the last one short.
@@ -203,8 +219,11 @@ def test_evaluate_on_two_processes_gives_the_metrics_of_one(workspace, tmp_path)
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["num_samples"] == NUM_INPUTS  # every sample once: not twice, not only one process's share
-    # The counts are integers and are added in data set order as one process adds them: the same numbers, exactly.
-    assert two == one
+    # The counts are integers, added in data set order as one process adds them, so on one host the JSON is the same
+    # to the bit. Across processes a float may differ in its last bit (tests/conftest.py), which can move a pixel
+    # whose probability sits on the threshold: 1e-3 allows that, and a lost or doubled sample out of 7 moves the
+    # metrics by far more.
+    assert_same_metrics(two, one)
     assert 0 < one["oIoU"] < 1 and 0 < one["auroc"] < 1
 
 
