@@ -259,3 +259,17 @@ def test_reference_film_quick_trains_and_scores_on_the_probe_split(tmp_path):
     assert all(math.isfinite(loss) for loss in results["losses"])
     assert results["train_seconds"] > 0 and "reference_film.py --quick" in results["command"]
     assert "| film |" in stdout and "| class_only |" in stdout
+
+
+def test_lighter_path_script_counts_what_each_setting_saves(tmp_path):
+    output = tmp_path / "lighter_path.json"
+    run_script("lighter_path.py", "--quick", "--output", str(output), timeout=300)
+    cases = json.loads(output.read_text())["cases"]
+    assert list(cases)[0] == "papers' path" and cases["papers' path"]["gflop_saved"] == 0
+    assert len(cases) == 6
+    for name, case in cases.items():
+        assert case["latency_s"]["median"] > 0, name
+        if name != "papers' path":
+            assert case["gflop_saved"] > 0, name  # every setting removes products
+    saved = sum(case["gflop_saved"] for name, case in cases.items() if name not in ("papers' path", "all four"))
+    assert cases["all four"]["gflop_saved"] == pytest.approx(saved, rel=1e-3)  # the savings add up
