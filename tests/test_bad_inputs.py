@@ -18,10 +18,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_inputs, tiny_model
+from helpers import (
+    WORDS,
+    make_processor,
+    rrsisd_instances,
+    rrsisd_refs,
+    tiny_inputs,
+    tiny_model,
+    write_refsegrs,
+    write_rrsisd,
+)
 from PIL import Image
-from test_data_loaders import rrsisd_instances, rrsisd_refs, write_refsegrs, write_rrsisd
-from test_processing import WORDS, make_processor
 
 from crobim_u import CrobimUImageProcessor
 from crobim_u.data import DatasetFormatError, MissingDataFileError, load_refsegrs, load_risbench, load_rrsisd

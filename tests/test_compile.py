@@ -7,7 +7,7 @@ Data-dependent input checks (`bool(...)` on tensors) break the graph into a few 
 
 import torch
 
-from conftest import tiny_inputs, tiny_model
+from helpers import tiny_inputs, tiny_model
 
 ATOL = 1e-5
 

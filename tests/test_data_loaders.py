@@ -10,7 +10,23 @@ import types
 import numpy as np
 import PIL.Image
 import pytest
-from pycocotools import mask as coco_mask
+from helpers import (
+    HEIGHT,
+    REFSEGRS_MASKS,
+    RRSISD_HEIGHT,
+    RRSISD_WIDTH,
+    WIDTH,
+    box_mask,
+    compressed_rle,
+    random_rgb,
+    rrsisd_instances,
+    rrsisd_masks,
+    rrsisd_refs,
+    sentence,
+    uncompressed_rle,
+    write_refsegrs,
+    write_rrsisd,
+)
 
 from crobim_u.data import (
     DATASET_NAMES,
@@ -27,19 +43,6 @@ from crobim_u.data import (
 )
 
 
-HEIGHT, WIDTH = 10, 12
-
-
-def random_rgb(seed: int, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def box_mask(top: int, left: int, bottom: int, right: int, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
-    mask = np.zeros((height, width), dtype=np.uint8)
-    mask[top:bottom, left:right] = 1
-    return mask
-
-
 def pixels(image: PIL.Image.Image) -> np.ndarray:
     return np.asarray(image)
 
@@ -50,27 +53,7 @@ def assert_canonical_mask(mask: PIL.Image.Image, expected: np.ndarray) -> None:
 
 
 # --- RefSegRS ---------------------------------------------------------------------------------------------------
-
-
-REFSEGRS_MASKS = {"0": box_mask(2, 3, 5, 7), "1": box_mask(0, 0, 10, 2), "2": box_mask(6, 6, 9, 12)}
-REFSEGRS_PHRASES = {
-    "train": "0 road along the river\n1 the  white building\n0 road left\n",
-    "val": "2 a car in the top right\n\n",  # a trailing blank line is not a sample
-    "test": "1 building on the left\n",
-}
-
-
-def write_refsegrs(root) -> None:
-    os.makedirs(root / "images")
-    os.makedirs(root / "masks")
-    for seed, (image_id, mask) in enumerate(REFSEGRS_MASKS.items()):
-        PIL.Image.fromarray(random_rgb(seed)).save(root / "images" / f"{image_id}.tif")
-        # Foreground is 200, and a faint 30 (below the threshold of 50) must stay background.
-        stored = np.where(mask == 1, 200, 0).astype(np.uint8)
-        stored[0, WIDTH - 1] = 30
-        PIL.Image.fromarray(stored).save(root / "masks" / f"{image_id}.tif")
-    for split, text in REFSEGRS_PHRASES.items():
-        (root / f"output_phrase_{split}.txt").write_text(text)
+# The small data set: `helpers.write_refsegrs` (masks `REFSEGRS_MASKS`).
 
 
 def test_refsegrs_rows_splits_and_masks(tmp_path):
@@ -149,77 +132,7 @@ def test_mask_size_must_match_image(tmp_path):
 
 
 # --- RRSIS-D ----------------------------------------------------------------------------------------------------
-
-
-RRSISD_HEIGHT, RRSISD_WIDTH = 8, 9
-
-
-def rrsisd_masks() -> dict[int, np.ndarray]:
-    """Expected masks by annotation id: compressed RLE (1), polygon (2), uncompressed RLE (3)."""
-    return {
-        1: box_mask(1, 1, 4, 5, RRSISD_HEIGHT, RRSISD_WIDTH),
-        2: box_mask(1, 2, 4, 6, RRSISD_HEIGHT, RRSISD_WIDTH),  # the polygon below, rasterized the COCO way
-        3: np.random.default_rng(3).integers(0, 2, (RRSISD_HEIGHT, RRSISD_WIDTH), dtype=np.uint8),
-    }
-
-
-def uncompressed_rle(mask: np.ndarray) -> dict:
-    flat = mask.flatten(order="F")
-    change = np.flatnonzero(np.diff(flat)) + 1
-    counts = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
-    return {"size": list(mask.shape), "counts": counts if flat[0] == 0 else [0] + counts}
-
-
-def compressed_rle(mask: np.ndarray) -> dict:
-    rle = coco_mask.encode(np.asfortranarray(mask))
-    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-
-
-def rrsisd_instances() -> dict:
-    masks = rrsisd_masks()
-    return {
-        "images": [
-            {"id": image_id, "file_name": f"{image_id:05d}.jpg", "height": RRSISD_HEIGHT, "width": RRSISD_WIDTH}
-            for image_id in (10, 11, 12)
-        ],
-        "annotations": [
-            {"id": 1, "image_id": 10, "category_id": 5, "segmentation": compressed_rle(masks[1])},
-            {"id": 2, "image_id": 11, "category_id": 6, "segmentation": [[2, 1, 6, 1, 6, 4, 2, 4]]},
-            {"id": 3, "image_id": 12, "category_id": 5, "segmentation": uncompressed_rle(masks[3])},
-        ],
-        "categories": [{"id": 5, "name": "vehicle"}, {"id": 6, "name": "storage tank"}],
-    }
-
-
-def sentence(sent_id: int, sent: str) -> dict:
-    return {"raw": sent.capitalize() + ".", "sent": sent, "tokens": sent.split(), "sent_id": sent_id}
-
-
-def rrsisd_refs() -> list[dict]:
-    def ref(ref_id, ann_id, image_id, category_id, split, sentences):
-        return {
-            "ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "category_id": category_id, "split": split,
-            "file_name": f"{image_id:05d}_{ann_id}.jpg", "sent_ids": [s["sent_id"] for s in sentences],
-            "sentences": sentences,
-        }
-
-    return [
-        ref(0, 1, 10, 5, "train", [sentence(0, "the vehicle on the left"), sentence(1, "a small car")]),
-        ref(1, 2, 11, 6, "val", [sentence(2, "the storage tank")]),
-        ref(2, 3, 12, 5, "test", [sentence(3, "scattered vehicles")]),
-    ]
-
-
-def write_rrsisd(root, refs=None, instances=None) -> None:
-    os.makedirs(root / "rrsisd", exist_ok=True)
-    os.makedirs(root / "images" / "rrsisd" / "JPEGImages", exist_ok=True)
-    for image_id in (10, 11, 12):
-        PIL.Image.fromarray(random_rgb(image_id, RRSISD_HEIGHT, RRSISD_WIDTH)).save(
-            root / "images" / "rrsisd" / "JPEGImages" / f"{image_id:05d}.jpg"
-        )
-    with open(root / "rrsisd" / "refs(unc).p", "wb") as file:
-        pickle.dump(rrsisd_refs() if refs is None else refs, file)
-    (root / "rrsisd" / "instances.json").write_text(json.dumps(rrsisd_instances() if instances is None else instances))
+# The small data set: `helpers.write_rrsisd` (refs `rrsisd_refs`, annotations `rrsisd_instances`, masks `rrsisd_masks`).
 
 
 def test_rrsisd_rows_expressions_categories_and_masks(tmp_path):

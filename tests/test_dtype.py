@@ -7,10 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import run_flags, save_checkpoint, tiny_model
 from safetensors.torch import load_file
-from test_predict import save_checkpoint
-from test_training import run_flags
 
 from crobim_u import CrobimUForReferringSegmentation
 from crobim_u.cli import main
@@ -98,11 +96,6 @@ def test_a_bf16_training_step_is_finite_and_its_loss_agrees_with_fp32(inputs):
     assert 0 < relative <= LOSS_TOLERANCE, losses
     difference = (gradients[torch.bfloat16] - gradients[torch.float32]).norm() / gradients[torch.float32].norm()
     assert difference <= GRADIENT_TOLERANCE
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("synthetic-cache"))
 
 
 def test_the_trainer_entry_point_with_bf16_trains_under_bf16_autocast_like_fp32(tmp_path, cache_dir, monkeypatch):

@@ -5,32 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
-from datasets import Dataset, DatasetDict
-from PIL import Image
-from test_processing import WORDS, make_processor
+from datasets import DatasetDict
+from helpers import WORDS, make_processor, small_dataset, tiny_model
 
 from crobim_u.cli import main
 from crobim_u.data import export_folder
 from crobim_u.inference.evaluation import evaluate_reference_masks, evaluate_referring_segmentation
 from crobim_u.metrics import METRIC_ORDER, ReferringSegmentationMetric
-
-
-def small_dataset(num: int = 5) -> Dataset:
-    rng = np.random.default_rng(0)
-    rows = {"image": [], "mask": [], "expression": [], "image_id": [], "split": [], "category": [], "class_mask": []}
-    for index in range(num):
-        height, width = 40 + 8 * index, 56 - 4 * index  # sizes differ between samples
-        mask = np.zeros((height, width), np.uint8)
-        mask[5 : 5 + 3 * index + 4, 10:30] = 1
-        rows["image"].append(Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)))
-        rows["mask"].append(Image.fromarray(mask))
-        rows["class_mask"].append(Image.fromarray(np.maximum(mask, np.eye(height, width, dtype=np.uint8))))
-        rows["expression"].append(["the red car", "the large building on the left"][index % 2])
-        rows["image_id"].append(str(index))
-        rows["split"].append("test")
-        rows["category"].append("car")
-    return Dataset.from_dict(rows)
 
 
 def direct_scores(model, processor, dataset):

@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from conftest import assert_close_across_processes
-from test_predict import save_checkpoint
-from test_processing import random_image
+from helpers import assert_close_across_processes, random_image, save_checkpoint
 from transformers.trainer_utils import get_last_checkpoint
 
 from crobim_u.cli import main as cli_main
@@ -107,11 +105,6 @@ def assert_finished_like_the_reference(output_dir: Path, reference: dict[str, to
         torch.testing.assert_close(weights[name], reference[name], rtol=0, atol=1e-6, msg=name)
     # Every checkpoint left behind is complete: resume deleted the half-written one, the run saved it again.
     assert all(checkpoint_problem(folder) is None for _, folder in checkpoint_folders(output_dir))
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("synthetic-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +255,7 @@ def test_predict_killed_while_writing_resumes_and_skips_what_is_done(tmp_path, m
             assert path.stat().st_mtime_ns == mtime, f"{path.name} of a finished input was written again"
 
     # The resumed folder holds what an uninterrupted run writes. The records done before the kill came from another
-    # process, whose floats may differ in their last bits (conftest): an 8-bit picture made from them may differ by
+    # process, whose floats may differ in their last bits (helpers.py): an 8-bit picture made from them may differ by
     # one level where a value sits on a rounding edge; masks and areas are exact (no probability lies within a float32
     # step of the threshold here).
     clean = tmp_path / "clean"

@@ -7,9 +7,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image, TiffImagePlugin, TiffTags
-from test_predict import read_results, save_checkpoint
-from test_processing import make_processor, random_image
-from test_tiling import BrightnessModel
+from helpers import BrightnessModel, make_processor, random_image, read_results, save_checkpoint
 
 import crobim_u.inference.predict as predict_module
 from crobim_u.cli import build_parser, main

@@ -9,9 +9,7 @@ import threading
 
 import numpy as np
 import pytest
-from test_predict import read_results, save_checkpoint
-from test_processing import make_processor
-from test_tiling import BrightnessModel
+from helpers import BrightnessModel, make_processor, read_results, save_checkpoint
 
 from crobim_u.cli import main
 from crobim_u.inference.geo import mask_to_features, parse_crs, write_features

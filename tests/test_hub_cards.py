@@ -6,11 +6,11 @@ import tomllib
 from pathlib import Path
 
 import evaluate
+from helpers import tiny_config
 from huggingface_hub import ModelCard, SpaceCard
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from conftest import tiny_config
 from crobim_u.training import ModelCardInfo, render_model_card
 
 

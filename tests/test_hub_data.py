@@ -21,7 +21,7 @@ from crobim_u.data import (
     push_referring_dataset,
 )
 from crobim_u.data.synthetic import load_synthetic
-from test_data_loaders import write_refsegrs, write_rrsisd
+from helpers import write_refsegrs, write_rrsisd
 
 
 def records(dataset_dict) -> dict[str, list[dict]]:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import REAL_800, REAL_1111, needs_real_data
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
@@ -17,7 +18,6 @@ from crobim_u import image_processing_crobim_u
 from crobim_u.image_processing_crobim_u import CrobimUImageProcessor
 
 
-from conftest import REAL_800, REAL_1111, needs_real_data  # noqa: E402
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # One 8-bit level after normalization, the tolerance of every colour comparison.

@@ -5,19 +5,22 @@ processes of a killed run left."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_close_across_processes
 from datasets import DatasetDict
+from helpers import (
+    assert_close_across_processes,
+    free_port,
+    random_image,
+    read_results,
+    save_checkpoint,
+    small_dataset,
+)
 from PIL import Image
-from test_evaluate_cli import small_dataset
-from test_predict import save_checkpoint
-from test_processing import random_image
 
 from crobim_u.cli import main
 from crobim_u.data import export_folder
@@ -60,12 +63,6 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
-def free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
 def tails(result: subprocess.CompletedProcess) -> str:
     return result.stdout[-2000:] + result.stderr[-4000:]
 
@@ -75,7 +72,7 @@ def launch(*arguments: str, timeout: int = 120) -> subprocess.CompletedProcess:
     whose processes find no GPU and join over gloo."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", free_port(), *arguments]
+               "--main_process_port", str(free_port()), *arguments]
     # One thread per process, as in this process: the outputs are then computed the same way (conftest).
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                    "PYTHONPATH": str(REPOSITORY), "CUDA_VISIBLE_DEVICES": ""}
@@ -107,12 +104,8 @@ def one_process(workspace) -> Path:
     return output
 
 
-def read_results(output) -> list[dict]:
-    return [json.loads(line) for line in (Path(output) / RESULTS_FILE).read_text().splitlines()]
-
-
 def assert_same_outputs(output: Path, expected: Path) -> None:
-    """`output` holds the files and records of `expected` (another process's run; see conftest for the floats)."""
+    """`output` holds the files and records of `expected` (another process's run; see helpers.py for the floats)."""
     assert sorted(path.name for path in output.iterdir()) == sorted(path.name for path in expected.iterdir())
     records, expected_records = read_results(output), read_results(expected)
     assert [(r["input"], r["expression"]) for r in records] == [
@@ -220,7 +213,7 @@ def test_evaluate_on_two_processes_gives_the_metrics_of_one(workspace, tmp_path)
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["num_samples"] == NUM_INPUTS  # every sample once: not twice, not only one process's share
     # The counts are integers, added in data set order as one process adds them, so on one host the JSON is the same
-    # to the bit. Across processes a float may differ in its last bit (tests/conftest.py), which can move a pixel
+    # to the bit. Across processes a float may differ in its last bit (tests/helpers.py), which can move a pixel
     # whose probability sits on the threshold: 1e-3 allows that, and a lost or doubled sample out of 7 moves the
     # metrics by far more.
     assert_same_metrics(two, one)

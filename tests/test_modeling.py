@@ -2,13 +2,18 @@ import math
 import itertools
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import TINY_VOCAB_SIZE, assert_close_across_processes, tiny_config, tiny_inputs, tiny_model
+from helpers import (
+    TINY_VOCAB_SIZE,
+    assert_close_across_processes,
+    run_without_crobim_u,
+    tiny_config,
+    tiny_inputs,
+    tiny_model,
+)
 from transformers import AutoModel, BertConfig, BertModel, ConvNextConfig, ConvNextModel, SwinConfig, SwinModel
 
 from crobim_u import CrobimUConfig, CrobimUForReferringSegmentation
@@ -233,20 +238,6 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
     torch.save({"logits": outputs.logits, "uncertainty": outputs.uncertainty_logits}, output_file)
     """
 )
-
-
-def run_without_crobim_u(script: str, *args: str, tmp_path) -> subprocess.CompletedProcess:
-    """Runs `script` in a new Python process where `crobim_u` cannot be imported."""
-    # The same number of intra-op threads as this process, so float reductions run in the same order.
-    environment = {
-        **os.environ,
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": str(torch.get_num_threads()),
-    }
-    return subprocess.run(
-        [sys.executable, "-c", script, *args], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300
-    )
 
 
 def test_folder_loads_with_trust_remote_code_where_crobim_u_cannot_be_imported(model, inputs, tmp_path):

@@ -1,29 +1,23 @@
 """`crobim-u predict`: real images, corrupt files, folders and list files, naming, the tile rule."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from conftest import REAL_800, REAL_1111, needs_real_data, tiny_model
+from helpers import (
+    REAL_800,
+    REAL_1111,
+    make_processor,
+    needs_real_data,
+    random_image,
+    read_results,
+    save_checkpoint,
+)
 from PIL import Image
-from test_processing import WORDS, make_processor, random_image
 
 from crobim_u.cli import main
-from crobim_u.inference.predict import RESULTS_FILE, PredictOptions, choose_mode, expand_inputs
+from crobim_u.inference.predict import PredictOptions, choose_mode, expand_inputs
 
 EXPRESSIONS = ["the airplane on the right", "the large building"]
-
-
-def save_checkpoint(path) -> str:
-    """A tiny random model with a 64x64 processor, saved as `crobim-u predict --model` loads it."""
-    tiny_model(text_config={"vocab_size": len(WORDS)}).save_pretrained(path)
-    make_processor(size=64).save_pretrained(path)
-    return str(path)
-
-
-def read_results(output) -> list[dict]:
-    return [json.loads(line) for line in (output / RESULTS_FILE).read_text().splitlines()]
 
 
 def corrupt_jpeg(path) -> str:
@@ -33,7 +27,6 @@ def corrupt_jpeg(path) -> str:
     path.write_bytes(buffer.read_bytes()[:1024])
     buffer.unlink()
     return str(path)
-
 
 
 @pytest.fixture(scope="module")

@@ -6,34 +6,23 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import (
+from helpers import (
     REAL_800,
     REAL_1111,
+    WORDS,
     assert_close_across_processes,
     assert_masks_equal_away_from_threshold,
+    make_processor,
     needs_real_data,
+    random_image,
+    run_without_crobim_u,
     tiny_model,
 )
 from PIL import Image, ImageDraw
-from test_modeling import run_without_crobim_u
-from transformers import AutoImageProcessor, AutoModel, AutoProcessor, BertTokenizer, pipeline
+from transformers import AutoImageProcessor, AutoModel, AutoProcessor, pipeline
 
 import crobim_u
 from crobim_u import CrobimUImageProcessor, CrobimUProcessor, CrobimUReferringSegmentationPipeline
-
-
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "red", "car", "left", "of", "large", "building",
-         "white", "on", "right", "airplane", "baseball", "field", "is"]
-
-
-def make_processor(size: int = 64, max_length: int = 12) -> CrobimUProcessor:
-    tokenizer = BertTokenizer(vocab={word: index for index, word in enumerate(WORDS)})
-    return CrobimUProcessor(CrobimUImageProcessor(size={"height": size, "width": size}), tokenizer, max_length=max_length)
-
-
-def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 @pytest.fixture
@@ -240,7 +229,7 @@ def test_saved_folder_reloads_without_the_package_and_gives_the_same_outputs(mod
     with torch.no_grad():
         outputs = model(**encoding)
     results = processor.post_process_referring_segmentation(outputs, target_sizes=sizes)
-    # Another process: floats to a few float32 steps, masks exactly away from the threshold (conftest).
+    # Another process: floats to a few float32 steps, masks exactly away from the threshold (helpers.py).
     assert_close_across_processes(remote["logits"], outputs.logits.numpy())
     for index, result in enumerate(results):
         probabilities = result["probabilities"].numpy()

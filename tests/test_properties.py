@@ -8,11 +8,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import WORDS, make_processor, tiny_model
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from test_processing import WORDS, make_processor
 
 from crobim_u import CrobimUImageProcessor
 from crobim_u.inference.predict import OVERLAY_MAX_SIDE, PredictOptions, predict_files

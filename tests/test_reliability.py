@@ -8,10 +8,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
 from datasets import DatasetDict
-from test_evaluate_cli import small_dataset
-from test_processing import WORDS, make_processor, random_image
+from helpers import WORDS, make_processor, random_image, small_dataset, tiny_model
 
 import crobim_u
 from crobim_u.cli import main

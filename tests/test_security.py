@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VOCAB_SIZE, tiny_model
+from helpers import TINY_VOCAB_SIZE, make_processor, tiny_model
 from huggingface_hub import HfApi, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
 
@@ -195,8 +195,6 @@ def test_checkpoints_and_pushes_hold_no_pickled_training_arguments(tmp_path, mon
 
 
 def test_the_pipeline_loads_safetensors_only(bin_only_folder, tmp_path):
-    from test_processing import make_processor
-
     from crobim_u import referring_segmentation_pipeline
 
     make_processor().save_pretrained(bin_only_folder)

@@ -1,44 +1,11 @@
 """Tiled inference: window layout, blending, agreement with untiled inference, coarse-then-refine, lazy reading."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import tiny_model
-from test_processing import WORDS, make_processor, random_image
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from helpers import WORDS, BrightnessModel, make_processor, random_image, tiny_model
 
 from crobim_u.inference.tiling import ArrayScene, predict_scene, window_starts, window_weights
-
-
-class BrightnessModel(torch.nn.Module):
-    """
-    A stand-in with the model's interface whose logits are a fixed function of each pixel: `20 * (brightness - 0.5)`,
-    so bright pixels are foreground. Every window sees the same value for a pixel, which makes blending testable
-    exactly; it counts its text encodings.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the model a device and dtype
-        self.text_encodings = 0
-
-    def encode_text(self, input_ids, attention_mask=None, token_type_ids=None):
-        self.text_encodings += 1
-        return torch.zeros(*input_ids.shape, 1), attention_mask.bool()
-
-    def forward(self, pixel_values, input_ids=None, attention_mask=None, image_indices=None, text_embeddings=None):
-        if text_embeddings is None:
-            self.encode_text(input_ids, attention_mask)
-        mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
-        brightness = (pixel_values * std + mean).mean(dim=1, keepdim=True)
-        if image_indices is not None:
-            brightness = brightness[image_indices]
-        logits = 20 * (brightness - 0.5)
-        return SimpleNamespace(logits=logits, uncertainty_logits=F.avg_pool2d(logits, 32))
 
 
 def planted_scene(height: int, width: int, boxes: list[tuple[int, int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +20,6 @@ def planted_scene(height: int, width: int, boxes: list[tuple[int, int, int, int]
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     return np.logical_and(a, b).sum() / np.logical_or(a, b).sum()
-
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import TRAIN_IMAGE_SIZE, run_flags, tiny_config
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
@@ -32,30 +32,12 @@ from crobim_u.training.trainer import load_weights_like_from_pretrained
 
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json"))
-SIZE = 64
+SIZE = TRAIN_IMAGE_SIZE  # the image side of `run_flags`' runs, and of this module's own trainers
 CODE_FILES = {
     "configuration_crobim_u.py", "modeling_crobim_u.py", "image_processing_crobim_u.py", "processing_crobim_u.py",
     "pipeline_crobim_u.py",
 }
 PROCESSOR_FILES = {"processor_config.json", "tokenizer.json", "tokenizer_config.json"}
-
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("synthetic-cache"))
-
-
-def run_flags(output_dir, cache_dir, *extra) -> list[str]:
-    """Flags of a tiny run on 16 synthetic 64x64 samples, 4 per batch."""
-    return [
-        "--preset", "tiny", "--image_size", str(SIZE), "--dataset_name", "synthetic",
-        "--synthetic_num_train", "16", "--synthetic_num_validation", "4", "--synthetic_num_test", "0",
-        "--synthetic_image_size", str(SIZE), "--cache_dir", cache_dir, "--output_dir", str(output_dir),
-        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--learning_rate", "1e-3",
-        "--backbone_learning_rate_scale", "1", "--text_encoder_learning_rate_scale", "1", "--logging_steps", "1",
-        "--disable_tqdm", "true", "--dataloader_pin_memory", "false", *extra,
-    ]
 
 
 def state_dict_of(folder) -> dict[str, torch.Tensor]:

@@ -2,11 +2,11 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from helpers import free_port
 
 
 pytestmark = pytest.mark.slow
@@ -21,22 +21,16 @@ NO_DROPOUT = {
 }
 
 
-def free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
 def launcher(name: str) -> list[str]:
     """The launch command, run from this interpreter's environment."""
     if name == "single":
         return [sys.executable, "-m", "crobim_u.training.run"]
     if name == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-                "-m", "crobim_u.training.run"]
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port()), "-m", "crobim_u.training.run"]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", free_port(), "-m", "crobim_u.training.run"]
+            "--main_process_port", str(free_port()), "-m", "crobim_u.training.run"]
 
 
 @pytest.fixture(scope="module")

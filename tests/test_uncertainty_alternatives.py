@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config, tiny_inputs, tiny_model
+from helpers import tiny_config, tiny_inputs, tiny_model
 from transformers import AutoConfig
 
 from crobim_u import CrobimUConfig, CrobimUForReferringSegmentation
