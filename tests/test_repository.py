@@ -1,0 +1,29 @@
+"""Rules of the repository's layout that no other test would notice breaking."""
+
+import ast
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Top-level names of the modules a file imports (absolute imports anywhere in it, not inside strings)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_test_modules_share_code_only_through_helpers():
+    # A helper two test modules need lives in helpers.py (or, as a fixture, in conftest.py, which pytest loads itself):
+    # then each test module reads on its own, and running one file never runs another's module-level code.
+    test_modules = {path.stem for path in TESTS.glob("test_*.py")}
+    offenders = {
+        path.name: sorted(imported_modules(path) & (test_modules | {"conftest"}))
+        for path in sorted(TESTS.glob("*.py"))
+    }
+    assert {name: modules for name, modules in offenders.items() if modules} == {}
+
