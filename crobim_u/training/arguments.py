@@ -191,7 +191,8 @@ class CrobimUTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "DDP find_unused_parameters (not needed: unused parameters are frozen)."}
     )
     model_card_template: str | None = field(
-        default=None, metadata={"help": "Model card template (Markdown with front matter); defaults to model_card.md."}
+        default=None,
+        metadata={"help": "Model card template (Markdown with front matter); defaults to the packaged model_card.md."},
     )
 
     def __post_init__(self):

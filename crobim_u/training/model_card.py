@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import re
 import string
-import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +16,9 @@ from ..configuration_crobim_u import CrobimUConfig
 from ..metrics import METRIC_ORDER, format_metric_table
 
 
-def _find_template() -> Path:
-    """The repository's model_card.md (source checkouts) or the copy a wheel installs under `<prefix>/share`."""
-    in_checkout = Path(__file__).resolve().parents[2] / "model_card.md"
-    installed = Path(sys.prefix) / "share" / "crobim-u" / "model_card.md"
-    return in_checkout if in_checkout.is_file() else installed
-
-
-DEFAULT_TEMPLATE = _find_template()
+# The template shipped inside the package, found the same way in a checkout and in an installed wheel. It is a copy of
+# model_card.md at the repository root (the file to edit); tests/test_repository.py keeps the two identical.
+DEFAULT_TEMPLATE = resources.files("crobim_u") / "templates" / "model_card.md"
 # Config fields that carry "our interpretation" choices, shown with this checkpoint's values.
 INTERPRETATION_FIELDS = (
     "use_rus", "use_ugf", "use_udlr", "num_prompts", "capm_num_layers", "mid_layers_per_level", "mask_head_dim",
@@ -157,14 +152,14 @@ def render_model_card(
             [`~crobim_u.metrics.ReferringSegmentationMetric.compute`], plus `step`.
         model_id (`str`, *optional*): Hub id or folder used in the snippets and the title.
         step (`int`, *optional*): Optimisation steps done.
-        template (`str` or `os.PathLike`, *optional*): Template file; defaults to the repository's model_card.md.
+        template (`str` or `os.PathLike`, *optional*): Template file; defaults to the package's `DEFAULT_TEMPLATE`.
 
     Returns:
         `str`: the README.md text.
     """
     info = info or ModelCardInfo()
     metrics = metrics or {}
-    template_text = Path(template or DEFAULT_TEMPLATE).read_text(encoding="utf-8")
+    template_text = (Path(template) if template else DEFAULT_TEMPLATE).read_text(encoding="utf-8")
     repo_id = model_id or "path/to/checkpoint"
     description = f"This checkpoint: {info.init}, trained on {info.dataset}."
     body = string.Template(template_text).substitute(
