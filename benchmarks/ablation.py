@@ -838,7 +838,7 @@ def write_tables(results: dict[str, Any]) -> None:
         f"{recipe['batch_size']} per run; percent except AUROC. Command: `{results['command'].strip()}` "
         f"({results['wall_seconds'] / 60:.0f} min on {machine['cpus']} CPU cores, {machine['jobs']} runs at a time)."
     )
-    for name in ("BENCHMARKS.md", "model_card.md"):
+    for name in ("BENCHMARKS.md", "model_card.md", "crobim_u/templates/model_card.md"):
         if not write_between_markers(REPO / name, note + "\n\n" + format_tables(results)):
             print(f"{name}: no ablation markers, table not written")
 
