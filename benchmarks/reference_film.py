@@ -2,7 +2,7 @@
 
     python benchmarks/reference_film.py [--max-steps 4500] [--threads 1]
 
-Issue #18: a model with nothing but text-conditioned FiLM over the image features and normalised coordinate channels
+A model with nothing but text-conditioned FiLM over the image features and normalised coordinate channels
 (FiLM on CLEVR, Perez et al. 2018; CoordConv, Liu et al. 2018), trained on the probe's data with the probe's budget.
 If it learns the probe's relations and CroBIM-U does not, CroBIM-U has a defect to find.
 

@@ -101,7 +101,7 @@ def test_defaults_are_the_demo_recipe_with_each_variant_over_the_demo_model(abla
     assert ablation.build_recipe(args, "base").model_overrides["num_pointers"] == 2
     common = ablation.model_overrides_of("full", '{"num_pointers": 0}')
     assert common["num_pointers"] == 0 and common["mask_stride"] == DEMO_MODEL_OVERRIDES["mask_stride"]
-    # The two alternatives of issue #20 are variants of their own.
+    # The two uncertainty alternatives are variants of their own.
     assert ablation.VARIANTS["full/adaptive-udlr-mask"]["udlr_mask_mode"] == "adaptive"
     assert ablation.VARIANTS["full/coarse-target"]["uncertainty_target_source"] == "coarse"
     assert set(ablation.FIRST) <= set(ablation.STUDY)

@@ -629,3 +629,14 @@ def test_lighter_path_with_shared_images_and_reentrant_checkpointing_matches_pla
 def test_unknown_stride_4_setting_is_refused_naming_the_field(field):
     with pytest.raises(ValueError, match=f"{field} must be one of"):
         tiny_config(**{field: "lighter"})
+
+
+def test_full_size_presets_take_the_lighter_stride_4_settings_the_demo_kept():
+    from crobim_u.configuration_crobim_u import LIGHTER_STRIDE_4
+
+    assert LIGHTER_STRIDE_4  # at least one setting passed the demo
+    for preset in ("swin-base", "convnext-base"):
+        config = CrobimUConfig.from_preset(preset)
+        assert {field: getattr(config, field) for field in LIGHTER_STRIDE_4} == LIGHTER_STRIDE_4, preset
+    # Tests and loading of configs saved without the fields keep the papers' path.
+    assert all(getattr(CrobimUConfig.from_preset("tiny"), field) != value for field, value in LIGHTER_STRIDE_4.items())

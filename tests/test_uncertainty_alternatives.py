@@ -1,4 +1,4 @@
-"""The config's alternatives for the uncertainty modules (issue #20): UDLR's adaptive mask threshold and the source of
+"""The config's alternatives for the uncertainty modules: UDLR's adaptive mask threshold and the source of
 the RUS target. Each default keeps the earlier behaviour; each setting changes outputs only where it applies."""
 
 import math
