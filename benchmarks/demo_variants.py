@@ -82,6 +82,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "demo, depthwise stride-4 smoothing": {"model_overrides": {**DEMO_MODEL_OVERRIDES, "lgfa_fine_smoothing": "depthwise"}},
     "demo, separable pixel head": {"model_overrides": {**DEMO_MODEL_OVERRIDES, "mask_head_conv": "separable"}},
     "demo, half-width UDLR": {"model_overrides": {**DEMO_MODEL_OVERRIDES, "udlr_hidden_dim": 8}},
+    "demo, depthwise smoothing and separable pixel head": {
+        "model_overrides": {**DEMO_MODEL_OVERRIDES, "lgfa_fine_smoothing": "depthwise", "mask_head_conv": "separable"}
+    },
     "demo, lighter stride-4 path": {
         "model_overrides": {
             **DEMO_MODEL_OVERRIDES, "lgfa_fine_attention": "upsampled", "lgfa_fine_smoothing": "depthwise",

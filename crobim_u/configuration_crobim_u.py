@@ -38,7 +38,7 @@ _BERT_BASE = {
 # The lighter stride-4 settings the full-size presets take: those that kept the demo's mIoU and its relation family
 # within one point (BENCHMARKS.md, "A lighter stride-4 path"); the class defaults keep the papers' path, so that
 # configs saved without these fields load the model they were saved from.
-LIGHTER_STRIDE_4: dict[str, Any] = {"lgfa_fine_smoothing": "depthwise"}
+LIGHTER_STRIDE_4: dict[str, Any] = {"lgfa_fine_smoothing": "depthwise", "mask_head_conv": "separable"}
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "backbone_config": {
