@@ -30,8 +30,11 @@ _ALPHA_MODES = ("RGBA", "LA", "PA")
 _HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _MASK_MODES = ("1", "L", "P") + _HIGH_DEPTH_MODES
 # Pillow first box-reduces by an integer factor when the image is over 3x the target size: ~1.7x faster on large
-# scenes, within a few grey levels (mean under one) of exact resampling.
-_REDUCING_GAP = 3.0
+# scenes, within a few grey levels (mean under one) of exact resampling. Windows read by `inference.tiling` use it too.
+REDUCING_GAP = 3.0
+# Probability above which a pixel is in the mask: the default of `post_process_referring_segmentation`, the pipeline
+# and `crobim-u predict --threshold`.
+DEFAULT_THRESHOLD = 0.5
 
 
 def _is_array(value: Any) -> bool:
@@ -177,7 +180,7 @@ def _pil_to_rgb(image: Image.Image, name: str, do_convert_rgb: bool) -> Image.Im
     )
 
 
-def _image_to_rgb(
+def image_to_rgb(
     image: Any, name: str, do_convert_rgb: bool, input_data_format: "ChannelDimension | str | None"
 ) -> Image.Image:
     """Converts one image input to an 8-bit RGB PIL image, the working format of this processor."""
@@ -317,12 +320,16 @@ def mask_reliability(
     return float(min(max(1.0 - mean.item(), 0.0), 1.0))
 
 
-def _upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinearly resizes a (1, h, w) logit map to `size` and returns it as (H, W) float32."""
-    logits = logits.detach().float()
-    if tuple(logits.shape[-2:]) != size:
-        logits = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
-    return logits[0]
+def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """
+    Bilinearly resizes (C, h, w) logits to (C, *size) (`align_corners=False`, no antialiasing, dtype kept).
+
+    The one logit resize of the package: post-processing, the tiled predictor and the evaluation use it, so a mask
+    thresholded anywhere comes from the same interpolation. Returns `logits` itself when it already has `size`.
+    """
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
 
 
 class CrobimUImageProcessor(PilBackend):
@@ -439,7 +446,7 @@ class CrobimUImageProcessor(PilBackend):
         **kwargs,
     ) -> BatchFeature:
         images = [
-            _image_to_rgb(image, f"images[{index}]", do_convert_rgb, input_data_format)
+            image_to_rgb(image, f"images[{index}]", do_convert_rgb, input_data_format)
             for index, image in enumerate(_flatten(images, "images", is_mask=False))
         ]
         data = {
@@ -516,14 +523,14 @@ class CrobimUImageProcessor(PilBackend):
         if image.size == (size.width, size.height):
             return image
         resample = PILImageResampling(resample if resample is not None else PILImageResampling.BILINEAR)
-        reducing_gap = None if resample == PILImageResampling.NEAREST else _REDUCING_GAP
+        reducing_gap = None if resample == PILImageResampling.NEAREST else REDUCING_GAP
         return image.resize((size.width, size.height), resample=resample, reducing_gap=reducing_gap)
 
     def post_process_referring_segmentation(
         self,
         outputs: Any,
         target_sizes: "list[tuple[int, int]] | torch.Tensor | None" = None,
-        threshold: float = 0.5,
+        threshold: float = DEFAULT_THRESHOLD,
     ) -> list[dict[str, Any]]:
         r"""
         Turns CroBIM-U outputs into one binary mask, probability map and uncertainty map per image.
@@ -562,11 +569,11 @@ class CrobimUImageProcessor(PilBackend):
         results = []
         for index, (height, width) in enumerate(target_sizes):
             size = (int(height), int(width))
-            probabilities = _upsample(logits[index], size).sigmoid()
+            probabilities = resize_logits(logits[index].detach().float(), size)[0].sigmoid()
             mask = probabilities > threshold
             uncertainty = reliability = None
             if uncertainty_logits is not None:
-                uncertainty = _upsample(uncertainty_logits[index], size).sigmoid()
+                uncertainty = resize_logits(uncertainty_logits[index].detach().float(), size)[0].sigmoid()
                 reliability = mask_reliability(mask, uncertainty)
             results.append(
                 {
@@ -580,4 +587,6 @@ class CrobimUImageProcessor(PilBackend):
         return results
 
 
-__all__ = ["CrobimUImageProcessor", "mask_reliability"]
+__all__ = [
+    "DEFAULT_THRESHOLD", "REDUCING_GAP", "CrobimUImageProcessor", "image_to_rgb", "mask_reliability", "resize_logits",
+]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 # Defined beside the post-processing that reports it (that file travels with every checkpoint); re-exported here.
-from .image_processing_crobim_u import mask_reliability
+from .image_processing_crobim_u import mask_reliability, resize_logits
 
 
 EmptyPolicy = Literal["one", "zero", "skip"]
@@ -68,7 +68,8 @@ def resize_scores_or_masks(tensor: torch.Tensor, size: tuple[int, int]) -> torch
     if tensor.dtype == torch.bool:
         resized = F.interpolate(tensor[:, None].to(torch.uint8), size=size, mode="nearest-exact")
         return resized[:, 0].bool()
-    return F.interpolate(tensor[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    # The B samples go through as channels of one image: the same arithmetic per plane as one image each.
+    return resize_logits(tensor, size)
 
 
 def intersection_and_union(

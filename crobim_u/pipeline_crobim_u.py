@@ -74,12 +74,14 @@ class CrobimUReferringSegmentationPipeline(Pipeline):
         outputs = self.model(**model_inputs)
         return {"logits": outputs.logits, "uncertainty_logits": outputs.uncertainty_logits, **passthrough}
 
-    def postprocess(self, model_outputs: dict[str, Any], threshold: float = 0.5) -> Any:
+    def postprocess(self, model_outputs: dict[str, Any], threshold: float | None = None) -> Any:
         outputs = SimpleNamespace(
             logits=model_outputs["logits"], uncertainty_logits=model_outputs["uncertainty_logits"]
         )
+        # Without a threshold, the processor's default (`DEFAULT_THRESHOLD`) applies: the pipeline keeps no copy.
+        options = {} if threshold is None else {"threshold": threshold}
         results = self.processor.post_process_referring_segmentation(
-            outputs, target_sizes=model_outputs["original_sizes"], threshold=threshold
+            outputs, target_sizes=model_outputs["original_sizes"], **options
         )
         records = []
         for expression, result in zip(model_outputs["expressions"], results):

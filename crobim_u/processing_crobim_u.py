@@ -137,12 +137,14 @@ class CrobimUProcessor(ProcessorMixin):
         return encoding
 
     def post_process_referring_segmentation(
-        self, outputs: Any, target_sizes: Any = None, threshold: float = 0.5
+        self, outputs: Any, target_sizes: Any = None, threshold: float | None = None
     ) -> list[dict[str, Any]]:
-        """Masks, probabilities, uncertainty and score per expression at `target_sizes`; see the image processor."""
-        return self.image_processor.post_process_referring_segmentation(
-            outputs, target_sizes=target_sizes, threshold=threshold
-        )
+        """
+        Masks, probabilities, uncertainty and score per expression at `target_sizes`; see the image processor, whose
+        default threshold (`DEFAULT_THRESHOLD`, 0.5) applies when `threshold` is `None`.
+        """
+        options = {} if threshold is None else {"threshold": threshold}
+        return self.image_processor.post_process_referring_segmentation(outputs, target_sizes=target_sizes, **options)
 
     @property
     def model_input_names(self) -> list[str]:

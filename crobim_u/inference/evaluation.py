@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import PartialState
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+from ..image_processing_crobim_u import resize_logits
 from ..metrics import (
     ReferringSegmentationMetric,
     UncertaintyQualityMetric,
@@ -20,6 +20,9 @@ from ..metrics import (
     rank_answers,
 )
 from .parallel import gather_shares, own_share
+
+# Samples per forward pass: the default of [`evaluate_referring_segmentation`] and `crobim-u evaluate --batch_size`.
+DEFAULT_BATCH_SIZE = 8
 
 
 def _mask_tensor(mask: Any) -> torch.Tensor:
@@ -31,7 +34,7 @@ def evaluate_referring_segmentation(
     model: torch.nn.Module,
     processor: Any,
     dataset: Dataset,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     size: int | None = None,
     strict: bool = False,
     uncertainty_metrics: bool = False,
@@ -105,13 +108,8 @@ def evaluate_referring_segmentation(
             sample = [int(intersection.item()), int(union.item())]
             if uncertainty_metric is not None:
                 full_size = tuple(labels.shape[-2:])
-                probabilities = torch.sigmoid(F.interpolate(logits, size=full_size, mode="bilinear", align_corners=False))
-                uncertainty = torch.sigmoid(
-                    F.interpolate(
-                        outputs.uncertainty_logits[index : index + 1], size=full_size, mode="bilinear",
-                        align_corners=False,
-                    )
-                )
+                probabilities = torch.sigmoid(resize_logits(logits[0], full_size)[None])
+                uncertainty = torch.sigmoid(resize_logits(outputs.uncertainty_logits[index], full_size)[None])
                 *histograms, probability_sums = uncertainty_metric.histograms(probabilities, uncertainty, labels)
                 histograms = [histogram.cpu() for histogram in histograms]
                 if integer_histograms is not None:

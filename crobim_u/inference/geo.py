@@ -36,6 +36,9 @@ from PIL import Image
 
 
 GEO_EXTRA_HINT = 'pip install "crobim-u[geo]"'
+# Percentiles mapped to 0 and 255 by the stretch of non-uint8 bands: the default of [`GeoTiffScene`] and
+# `crobim-u predict --stretch`.
+DEFAULT_PERCENTILES = (2.0, 98.0)
 # Long side of the decimated read on which the stretch percentiles are computed: ~1M pixels per band.
 STATISTICS_SIDE = 1024
 # GDAL's block cache defaults to 5% of RAM; a row of windows needs far less, and the cache counts in the RSS.
@@ -127,7 +130,7 @@ class GeoTiffScene:
         self,
         path: str | os.PathLike,
         bands: Sequence[int] | None = None,
-        percentiles: tuple[float, float] = (2.0, 98.0),
+        percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
     ):
         rasterio = require_rasterio()
         if not 0 <= percentiles[0] < percentiles[1] <= 100:
@@ -593,6 +596,7 @@ def _geometry_type(features: Any) -> str:
 
 
 __all__ = [
+    "DEFAULT_PERCENTILES",
     "GEO_EXTRA_HINT",
     "OBJECT_MODES",
     "VECTOR_FORMATS",

@@ -38,10 +38,14 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..image_processing_crobim_u import _image_to_rgb
+from ..image_processing_crobim_u import DEFAULT_THRESHOLD, REDUCING_GAP, image_to_rgb, resize_logits
 
 
 MODES = ("tiled", "downsample-refine", "resize")
+# Defaults of [`predict_scene`] and `crobim-u predict`: overlap of neighbouring windows (fraction of the window) and
+# windows per forward pass.
+DEFAULT_OVERLAP = 0.25
+DEFAULT_WINDOW_BATCH_SIZE = 4
 # Lowest window weight: a pixel seen only near some window's border still gets a defined value.
 WEIGHT_FLOOR = 0.01
 # Dilation (in coarse-grid pixels) of the coarse mask inside which refined logits are used in "downsample-refine".
@@ -49,7 +53,6 @@ REFINE_MARGIN = 2
 # Pillow's resize with the image processor's default settings (bilinear, box-reduce first above 3x), so a window read
 # at the model size equals what the processor would have made of it.
 _RESAMPLE = Image.Resampling.BILINEAR
-_REDUCING_GAP = 3.0
 _FINALIZE_ROWS = 256
 
 
@@ -94,7 +97,7 @@ class ArrayScene:
         ):
             array = image
         else:
-            array = np.asarray(_image_to_rgb(image, "scene", True, None))
+            array = np.asarray(image_to_rgb(image, "scene", True, None))
         if array.size == 0:
             raise ValueError(f"The scene is empty (shape {array.shape}).")
         self.array = array
@@ -106,7 +109,7 @@ class ArrayScene:
         region = self.array[row_off : row_off + height, col_off : col_off + width]
         if out_shape is not None and tuple(out_shape) != region.shape[:2]:
             picture = Image.fromarray(region).convert("RGB")
-            region = np.asarray(picture.resize(out_shape[::-1], resample=_RESAMPLE, reducing_gap=_REDUCING_GAP))
+            region = np.asarray(picture.resize(out_shape[::-1], resample=_RESAMPLE, reducing_gap=REDUCING_GAP))
         if region.ndim == 2:
             region = np.repeat(region[..., None], 3, axis=-1)
         return region
@@ -226,8 +229,7 @@ class _SceneAccumulator:
     ) -> None:
         """Adds one window's (E, h, w) logits and (E, h/32, w/32) uncertainty logits at `box` (row, col, h, w)."""
         row, col, height, width = box
-        if tuple(logits.shape[-2:]) != (height, width):
-            logits = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+        logits = resize_logits(logits, (height, width))
         weights = torch.from_numpy(np.outer(row_weights, col_weights))
         target = torch.from_numpy(self.logit_sum[:, row : row + height, col : col + width])
         target.add_(logits * weights)
@@ -297,7 +299,7 @@ def check_tiling_options(
     mode: str = "tiled",
     overlap: float = 0.0,
     batch_size: int = 1,
-    threshold: float = 0.5,
+    threshold: float = DEFAULT_THRESHOLD,
     uncertainty_stride: int = 1,
     window: Sequence[int] | None = None,
 ) -> None:
@@ -320,10 +322,10 @@ def predict_scene(
     scene: np.ndarray | Image.Image | SceneReader,
     expression: str | Sequence[str],
     window: int | tuple[int, int] | None = None,
-    overlap: float = 0.25,
-    batch_size: int = 4,
+    overlap: float = DEFAULT_OVERLAP,
+    batch_size: int = DEFAULT_WINDOW_BATCH_SIZE,
     mode: str = "tiled",
-    threshold: float = 0.5,
+    threshold: float = DEFAULT_THRESHOLD,
     uncertainty_stride: int = 8,
     progress: bool = False,
 ) -> SceneResult | list[SceneResult]:
