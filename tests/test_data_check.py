@@ -52,7 +52,7 @@ def test_check_lists_exactly_the_corrupt_row(corrupt_folder):
 
 
 def test_check_data_command_names_the_file(corrupt_folder, capsys):
-    command = ["check-data", "--dataset", "folder", "--data_dir", str(corrupt_folder["root"]), "--no-progress"]
+    command = ["check-data", "--dataset", "folder", "--data_dir", str(corrupt_folder["root"]), "--no_progress"]
     assert cli_main(command) == 1
     output = capsys.readouterr().out
     assert "train: 12 rows, 1 invalid" in output and "validation: 2 rows, 0 invalid" in output

@@ -47,7 +47,7 @@ def test_float16_on_the_cpu_is_refused_before_the_model_loads(command, tmp_path,
     monkeypatch.setattr(predict_module, "load_checkpoint_or_exit", no_loading)
     monkeypatch.setattr(loading, "load_checkpoint_or_exit", no_loading)
     flags = {
-        "predict": ["predict", "--expression", "the red car", "--output", str(tmp_path / "out"), str(tmp_path)],
+        "predict": ["predict", "--expression", "the red car", "--output_dir", str(tmp_path / "out"), str(tmp_path)],
         "evaluate": ["evaluate", "--dataset", "folder", "--data_dir", str(tmp_path / "nothing")],
     }[command]
     with pytest.raises(SystemExit, match=r"^error: --dtype float16 needs a CUDA GPU; got device 'cpu'"):
@@ -138,8 +138,8 @@ def test_predict_in_bfloat16_writes_float32_and_uint8_rasters_close_to_float32(t
     outputs = {}
     for dtype in ("float32", "bfloat16"):
         output = tmp_path / dtype
-        assert main(["predict", "--model", checkpoint, "--output", str(output), "--expression", "the red car",
-                     "--tile", "--device", "cpu", "--dtype", dtype, "--no-progress", str(scene)]) == 0
+        assert main(["predict", "--model", checkpoint, "--output_dir", str(output), "--expression", "the red car",
+                     "--tile", "--device", "cpu", "--dtype", dtype, "--no_progress", str(scene)]) == 0
         (record,) = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
         with rasterio.open(record["mask"]) as mask, rasterio.open(record["uncertainty"]) as uncertainty:
             assert mask.dtypes == ("uint8",) and uncertainty.dtypes == ("float32",)

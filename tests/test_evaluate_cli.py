@@ -81,8 +81,8 @@ def test_evaluate_command_prints_the_table_and_writes_json(tmp_path, capsys):
     export_folder(DatasetDict({"test": dataset}), tmp_path / "data")
 
     code = main(["evaluate", "--model", str(tmp_path / "model"), "--dataset", "folder", "--data_dir",
-                 str(tmp_path / "data"), "--split", "test", "--batch_size", "2", "--uncertainty-metrics",
-                 "--output", str(tmp_path / "eval.json"), "--no-progress"])
+                 str(tmp_path / "data"), "--split", "test", "--batch_size", "2", "--uncertainty_metrics",
+                 "--output_file", str(tmp_path / "eval.json"), "--no_progress"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "Pr@0.5" in printed and "oIoU" in printed and "5 samples" in printed

@@ -216,7 +216,7 @@ def test_predict_killed_while_writing_resumes_and_skips_what_is_done(tmp_path, m
         random_image(40 + index, 36, seed=index).save(folder / f"scene{index}.png")
     expressions = ["--expression", "the red car", "--expression", "the large building"]
     output = tmp_path / "out"
-    flags = ["predict", "--model", checkpoint, "--output", str(output), *expressions, "--no-progress", str(folder)]
+    flags = ["predict", "--model", checkpoint, "--output_dir", str(output), *expressions, "--no_progress", str(folder)]
 
     # Three images per input and expression (mask, uncertainty, overlay): a seeded write among those of inputs 1-4.
     kill_at = random.Random(3).randint(7, 24)

@@ -194,8 +194,8 @@ def test_predict_cli_on_a_geotiff(scene_path, tmp_path):
     checkpoint = save_checkpoint(tmp_path / "checkpoint")
     output = tmp_path / "out"
     random_image(40, 30).save(tmp_path / "plain.tif")  # no georeferencing: PNG outputs
-    status = main(["predict", "--model", checkpoint, "--output", str(output), "--expression", "the large building",
-                   "--window", "256", "--bands", "3,2,1", "--no-progress", str(scene_path),
+    status = main(["predict", "--model", checkpoint, "--output_dir", str(output), "--expression", "the large building",
+                   "--window", "256", "--bands", "3,2,1", "--no_progress", str(scene_path),
                    str(tmp_path / "plain.tif")])
     assert status == 0
     record, plain = read_results(output)
@@ -243,4 +243,4 @@ def test_modules_import_without_rasterio(monkeypatch):
     for name in ("tiling", "geo", "predict"):
         importlib.import_module(f"crobim_u.inference.{name}")
     assert sys.modules["crobim_u.inference.predict"] is not predict_module
-    build_parser().parse_args(["predict", "--model", "m", "--expression", "e", "--output", "o", "x.tif"])
+    build_parser().parse_args(["predict", "--model", "m", "--expression", "e", "--output_dir", "o", "x.tif"])

@@ -112,7 +112,7 @@ def test_objects_all_best_and_the_whole_mask():
     assert len(whole.geometry.iloc[0].geoms) == 3 and whole["area"].iloc[0] == 84.0
     assert whole.score.iloc[0] == pytest.approx(probability[mask].mean(), rel=1e-6)
     assert whole.uncertainty_max.iloc[0] == pytest.approx(uncertainty[mask].max())
-    # --min-area drops the 9 m2 object, before "best" chooses.
+    # --min_area drops the 9 m2 object, before "best" chooses.
     assert mask_to_features(mask, TRANSFORM, crs, probability, objects="best", min_area=10).object_id.tolist() == [3]
     assert len(mask_to_features(np.zeros((5, 5), bool), TRANSFORM, crs, objects="all")) == 0
 
@@ -155,9 +155,9 @@ def checkpoint(tmp_path_factory) -> str:
 
 def test_predict_writes_valid_cogs_and_reprojects_every_output(checkpoint, scene, tmp_path):
     output = tmp_path / "out"
-    status = main(["predict", "--model", checkpoint, "--output", str(output), "--expression", "the roofs",
-                   "--vector-format", "gpkg", "--objects", "all", "--dst-crs", "EPSG:3857", "--window", "128",
-                   "--no-progress", str(scene)])
+    status = main(["predict", "--model", checkpoint, "--output_dir", str(output), "--expression", "the roofs",
+                   "--vector_format", "gpkg", "--objects", "all", "--dst_crs", "EPSG:3857", "--window", "128",
+                   "--no_progress", str(scene)])
     assert status == 0
     (record,) = read_results(output)
     assert record["crs"] == "EPSG:3857" and record["vector"].endswith("_mask.gpkg")
@@ -248,23 +248,23 @@ def test_a_remote_geotiff_is_read_by_ranges_and_gives_the_local_outputs(http_ser
     "flags, message",
     [
         (["--simplify", "-1"], "error: The simplify tolerance must be >= 0 (CRS units), got -1.0."),
-        (["--min-area", "-5"], "error: min_area must be >= 0, got -5.0."),
-        (["--dst-crs", "EPSG:999999"], "error: Unknown CRS 'EPSG:999999'"),
+        (["--min_area", "-5"], "error: min_area must be >= 0, got -5.0."),
+        (["--dst_crs", "EPSG:999999"], "error: Unknown CRS 'EPSG:999999'"),
     ],
 )
 def test_bad_geo_options_are_refused_before_the_model_loads(tmp_path, flags, message):
     with pytest.raises(SystemExit) as raised:
-        main(["predict", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "out"), "--expression",
+        main(["predict", "--model", str(tmp_path / "no-model"), "--output_dir", str(tmp_path / "out"), "--expression",
               "the roofs", *flags, str(tmp_path / "scene.tif")])
     assert str(raised.value.code).startswith(message)
 
 
 def test_an_unknown_vector_format_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as raised:
-        main(["predict", "--model", "m", "--output", str(tmp_path), "--expression", "e", "--vector-format", "kml",
+        main(["predict", "--model", "m", "--output_dir", str(tmp_path), "--expression", "e", "--vector_format", "kml",
               "scene.tif"])
     assert raised.value.code == 2
-    assert "argument --vector-format/--vector_format: invalid choice: 'kml'" in capsys.readouterr().err
+    assert "argument --vector_format: invalid choice: 'kml'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="Unknown vector format 'kml'; expected one of geojson, gpkg, shp, parquet"):
         write_features(mask_to_features(np.ones((2, 2), bool)), tmp_path / "x.kml", "kml")
     with pytest.raises(ValueError, match="Unknown vector format 'kml'"):
@@ -279,7 +279,7 @@ def test_without_the_geo_extra_the_message_says_how_to_install_it(tmp_path, monk
     with pytest.raises(ImportError, match=hint):
         mask_to_features(np.ones((2, 2), bool))
     with pytest.raises(SystemExit, match=hint):
-        main(["predict", "--model", "m", "--output", str(tmp_path), "--expression", "e", "--vector-format", "gpkg",
+        main(["predict", "--model", "m", "--output_dir", str(tmp_path), "--expression", "e", "--vector_format", "gpkg",
               "scene.tif"])
 
 

@@ -93,8 +93,8 @@ def workspace(tmp_path_factory) -> dict:
 
 def predict_flags(workspace: dict, output) -> list[str]:
     expressions = [flag for expression in EXPRESSIONS for flag in ("--expression", expression)]
-    return ["predict", "--model", workspace["model"], "--output", str(output), *expressions, "--device", "cpu",
-            "--no-progress", workspace["images"]]
+    return ["predict", "--model", workspace["model"], "--output_dir", str(output), *expressions, "--device", "cpu",
+            "--no_progress", workspace["images"]]
 
 
 @pytest.fixture(scope="module")
@@ -203,9 +203,9 @@ def test_evaluate_on_two_processes_gives_the_metrics_of_one(workspace, tmp_path)
     # 7 samples in batches of 2: the processes take 2 batches each, the last one short.
     export_folder(DatasetDict({"test": small_dataset(NUM_INPUTS).remove_columns("class_mask")}), tmp_path / "data")
     flags = ["evaluate", "--model", model, "--dataset", "folder", "--data_dir", str(tmp_path / "data"),
-             "--batch_size", "2", "--uncertainty-metrics", "--device", "cpu", "--no-progress"]
-    assert main([*flags, "--output", str(tmp_path / "one.json")]) == 0
-    result = launch("-m", "crobim_u.cli", *flags, "--output", str(tmp_path / "two.json"))
+             "--batch_size", "2", "--uncertainty_metrics", "--device", "cpu", "--no_progress"]
+    assert main([*flags, "--output_file", str(tmp_path / "one.json")]) == 0
+    result = launch("-m", "crobim_u.cli", *flags, "--output_file", str(tmp_path / "two.json"))
     assert result.returncode == 0, tails(result)
     # One main process writes the results; two processes that each believed to be alone would both write them.
     assert result.stdout.count("wrote ") == 1, tails(result)

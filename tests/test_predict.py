@@ -38,9 +38,9 @@ def checkpoint(tmp_path_factory) -> str:
 def test_real_images_and_a_corrupt_file(checkpoint, tmp_path, capsys):
     corrupt = corrupt_jpeg(tmp_path / "corrupt.jpg")
     output = tmp_path / "out"
-    flags = ["--tile", "--window", "600", "--no-progress"]
+    flags = ["--tile", "--window", "600", "--no_progress"]
     expression_flags = [flag for expression in EXPRESSIONS for flag in ("--expression", expression)]
-    status = main(["predict", "--model", checkpoint, "--output", str(output), *expression_flags, *flags,
+    status = main(["predict", "--model", checkpoint, "--output_dir", str(output), *expression_flags, *flags,
                    str(REAL_800), corrupt, str(REAL_1111)])
     assert status == 1
     summary = capsys.readouterr().out
@@ -80,8 +80,8 @@ def test_folder_and_list_file_inputs(checkpoint, tmp_path, capsys):
     listing.write_text(f"# scenes\n{REAL_1111}\n\n../folder/{REAL_800.name}\n")
 
     output = tmp_path / "out"
-    status = main(["predict", "--model", checkpoint, "--output", str(output), "--expression", EXPRESSIONS[0],
-                   "--tile", "never", "--no-progress", str(folder), str(listing)])
+    status = main(["predict", "--model", checkpoint, "--output_dir", str(output), "--expression", EXPRESSIONS[0],
+                   "--tile", "never", "--no_progress", str(folder), str(listing)])
     assert status == 1
     records = read_results(output)
     assert [record["input"] for record in records] == [
@@ -98,8 +98,8 @@ def test_folder_and_list_file_inputs(checkpoint, tmp_path, capsys):
 def test_small_images_go_through_the_processor_unchanged(checkpoint, tmp_path):
     image = random_image(50, 40)
     image.save(tmp_path / "small.png")
-    status = main(["predict", "--model", checkpoint, "--output", str(tmp_path / "out"), "--expression", "the red car",
-                   "--no-progress", str(tmp_path / "small.png")])
+    status = main(["predict", "--model", checkpoint, "--output_dir", str(tmp_path / "out"), "--expression", "the red car",
+                   "--no_progress", str(tmp_path / "small.png")])
     assert status == 0
     (record,) = read_results(tmp_path / "out")
     assert record["mode"] == "resize"
@@ -119,8 +119,8 @@ def test_small_images_go_through_the_processor_unchanged(checkpoint, tmp_path):
 def test_no_inputs_found_is_a_failure(checkpoint, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="error: no input images found in "):
-        main(["predict", "--model", checkpoint, "--output", str(tmp_path / "out"), "--expression", "the car",
-              "--no-progress", str(tmp_path / "empty")])
+        main(["predict", "--model", checkpoint, "--output_dir", str(tmp_path / "out"), "--expression", "the car",
+              "--no_progress", str(tmp_path / "empty")])
 
 
 def test_expand_inputs(tmp_path):
@@ -151,8 +151,8 @@ def test_output_names_of_same_named_inputs(checkpoint, tmp_path):
         (tmp_path / folder).mkdir()
         random_image(40, 40).save(tmp_path / folder / "scene.png")
     output = tmp_path / "out"
-    status = main(["predict", "--model", checkpoint, "--output", str(output), "--expression", "The red car!",
-                   "--no-progress", str(tmp_path / "x" / "scene.png"), str(tmp_path / "y" / "scene.png")])
+    status = main(["predict", "--model", checkpoint, "--output_dir", str(output), "--expression", "The red car!",
+                   "--no_progress", str(tmp_path / "x" / "scene.png"), str(tmp_path / "y" / "scene.png")])
     assert status == 0
     names = sorted(path.name for path in output.glob("*_mask.png"))
     assert names == ["scene-2_0_the-red-car_mask.png", "scene_0_the-red-car_mask.png"]
@@ -162,8 +162,8 @@ def test_a_one_pixel_high_image_gets_every_output(checkpoint, tmp_path):
     # The overlay is downscaled to 2048 wide and 1 high: it keeps both axes.
     image = random_image(5000, 1)
     image.save(tmp_path / "thin.png")
-    status = main(["predict", "--model", checkpoint, "--output", str(tmp_path / "out"), "--expression", "the road",
-                   "--no-progress", str(tmp_path / "thin.png")])
+    status = main(["predict", "--model", checkpoint, "--output_dir", str(tmp_path / "out"), "--expression", "the road",
+                   "--no_progress", str(tmp_path / "thin.png")])
     assert status == 0
     (record,) = read_results(tmp_path / "out")
     assert record["status"] == "ok" and record["error"] is None
@@ -180,8 +180,8 @@ def test_a_failed_overlay_keeps_the_mask_and_is_recorded(checkpoint, tmp_path, m
 
     random_image(40, 30).save(tmp_path / "scene.png")
     monkeypatch.setattr(predict, "draw_overlay", broken_overlay)
-    arguments = ["predict", "--model", checkpoint, "--output", str(tmp_path / "out"), "--expression", "the car",
-                 "--no-progress", str(tmp_path / "scene.png")]
+    arguments = ["predict", "--model", checkpoint, "--output_dir", str(tmp_path / "out"), "--expression", "the car",
+                 "--no_progress", str(tmp_path / "scene.png")]
     assert main(arguments) == 1
     (record,) = read_results(tmp_path / "out")
     assert record["status"] == "partial" and record["overlay"] is None
@@ -211,8 +211,8 @@ def test_a_model_that_is_not_there_is_named(tmp_path, model, message):
     random_image(40, 30).save(tmp_path / "scene.png")
     model = model.format(tmp=tmp_path)
     with pytest.raises(SystemExit) as raised:
-        main(["predict", "--model", model, "--output", str(tmp_path / "out"), "--expression", "the car",
-              "--no-progress", str(tmp_path / "scene.png")])
+        main(["predict", "--model", model, "--output_dir", str(tmp_path / "out"), "--expression", "the car",
+              "--no_progress", str(tmp_path / "scene.png")])
     assert str(raised.value.code).startswith(message.format(tmp=tmp_path))
 
 
@@ -230,7 +230,7 @@ def refuse_model_loading(monkeypatch):
     [
         (["--expression", "the car", "--expression", " "],
          "error: --expression number 2 is empty; a referring expression needs words."),
-        (["--expression", "the car", "--output", "{tmp}/taken"],
+        (["--expression", "the car", "--output_dir", "{tmp}/taken"],
          "error: {tmp}/taken is an existing file; the output must be a folder (created if missing)."),
         (["--expression", "the car", "--overlap", "1.5"], "error: overlap must lie in [0, 1), got 1.5."),
         (["--expression", "the car", "--threshold", "1"], "error: threshold must lie in (0, 1), got 1.0."),
@@ -247,10 +247,10 @@ def test_bad_arguments_are_refused_once_before_the_model_loads(tmp_path, monkeyp
         random_image(40, 30).save(tmp_path / f"scene{index}.png")
         inputs.append(str(tmp_path / f"scene{index}.png"))
     flags = [flag.format(tmp=tmp_path) for flag in flags]
-    if "--output" not in flags:
-        flags += ["--output", str(tmp_path / "out")]
+    if "--output_dir" not in flags:
+        flags += ["--output_dir", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as raised:
-        main(["predict", "--model", "unused", "--no-progress", *flags, *inputs])
+        main(["predict", "--model", "unused", "--no_progress", *flags, *inputs])
     assert raised.value.code == message.format(tmp=tmp_path)
     assert not (tmp_path / "out").exists()
 
@@ -269,8 +269,8 @@ def test_predict_files_refuses_an_empty_expression_before_reading_inputs(tmp_pat
 def test_a_folder_of_subfolders_says_how_to_include_them(checkpoint, tmp_path, monkeypatch, capsys):
     (tmp_path / "scenes" / "2024").mkdir(parents=True)
     random_image(40, 30).save(tmp_path / "scenes" / "2024" / "scene.png")
-    arguments = ["predict", "--model", checkpoint, "--output", str(tmp_path / "out"), "--expression", "the car",
-                 "--no-progress", str(tmp_path / "scenes")]
+    arguments = ["predict", "--model", checkpoint, "--output_dir", str(tmp_path / "out"), "--expression", "the car",
+                 "--no_progress", str(tmp_path / "scenes")]
     with monkeypatch.context() as patch:
         refuse_model_loading(patch)
         with pytest.raises(SystemExit) as raised:

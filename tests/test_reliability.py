@@ -202,8 +202,8 @@ def test_predict_writes_reliability_in_each_record(tmp_path):
     make_processor().save_pretrained(checkpoint)
     image = random_image(50, 40)
     image.save(tmp_path / "small.png")
-    status = main(["predict", "--model", str(checkpoint), "--output", str(tmp_path / "out"), "--expression",
-                   "the red car", "--no-progress", str(tmp_path / "small.png")])
+    status = main(["predict", "--model", str(checkpoint), "--output_dir", str(tmp_path / "out"), "--expression",
+                   "the red car", "--no_progress", str(tmp_path / "small.png")])
     assert status == 0
     (record,) = [json.loads(line) for line in (tmp_path / "out" / RESULTS_FILE).read_text().splitlines()]
     encoding = make_processor()(images=image, text=["the red car"])
@@ -251,7 +251,7 @@ def test_evaluate_command_reports_reliability_where_there_is_uncertainty(tmp_pat
     processor.save_pretrained(tmp_path / "model")
     export_folder(DatasetDict({"test": small_dataset(4).remove_columns("class_mask")}), tmp_path / "data")
     code = main(["evaluate", "--model", str(tmp_path / "model"), "--dataset", "folder", "--data_dir",
-                 str(tmp_path / "data"), "--output", str(tmp_path / "eval.json"), "--no-progress"])
+                 str(tmp_path / "data"), "--output_file", str(tmp_path / "eval.json"), "--no_progress"])
     assert code == 0
     printed = capsys.readouterr().out
     record = json.loads((tmp_path / "eval.json").read_text())

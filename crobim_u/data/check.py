@@ -98,23 +98,8 @@ def find_invalid_rows(
     return invalid
 
 
-def add_check_data_parser(subparsers: argparse._SubParsersAction) -> None:
-    """`crobim-u check-data`: lists the rows of a data set that training could not read."""
-    parser = subparsers.add_parser(
-        "check-data",
-        help="read every row of a data set and list those that cannot be read (before training)",
-        description="Decodes every image and mask of the chosen splits (with --model, also prepares them as training "
-        "does, with the checkpoint's processor) and lists the rows that fail. Exit status 1 if any does.",
-    )
-    parser.add_argument("--dataset", required=True, help="refsegrs, rrsisd, risbench, folder or synthetic")
-    parser.add_argument("--data_dir", help="data set folder (all but synthetic)")
-    parser.add_argument("--split", action="append", help="split to check (repeat for several; default: all)")
-    parser.add_argument("--model", help="checkpoint folder or Hub id whose processor prepares the rows")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    parser.set_defaults(handler=_check_data)
-
-
-def _check_data(args: argparse.Namespace) -> int:
+def check_data_command(args: argparse.Namespace) -> int:
+    """Runs `crobim-u check-data` (its parser is built in `crobim_u.cli`): lists the rows training could not read."""
     from ..processing_crobim_u import CrobimUProcessor
     from ..training.collator import CrobimUDataCollator
     from . import load_referring_dataset
@@ -145,4 +130,4 @@ def _check_data(args: argparse.Namespace) -> int:
     return 1 if invalid else 0
 
 
-__all__ = ["InvalidRow", "InvalidRowsError", "add_check_data_parser", "check_record", "find_invalid_rows"]
+__all__ = ["InvalidRow", "InvalidRowsError", "check_data_command", "check_record", "find_invalid_rows"]

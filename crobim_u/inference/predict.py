@@ -30,10 +30,10 @@ from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..image_processing_crobim_u import mask_reliability
+from ..image_processing_crobim_u import DEFAULT_THRESHOLD, mask_reliability
 from .atomic import atomic_output, remove_partial_outputs
 from .geo import (
-    OBJECT_MODES,
+    DEFAULT_PERCENTILES,
     VECTOR_FORMATS,
     GeoTiffScene,
     check_vector_options,
@@ -47,9 +47,10 @@ from .geo import (
     write_uncertainty_geotiff,
 )
 from .loading import load_checkpoint_or_exit
-from .parallel import DTYPES, autocast_model, check_dtype, from_main_process, gather_shares, own_share, process_state
+from .parallel import autocast_model, check_dtype, from_main_process, gather_shares, own_share, process_state
 from .tiling import (
-    MODES,
+    DEFAULT_OVERLAP,
+    DEFAULT_WINDOW_BATCH_SIZE,
     ArrayScene,
     SceneReader,
     SceneResult,
@@ -112,11 +113,11 @@ class PredictOptions:
     tile: str = "auto"
     mode: str = "tiled"
     window: int | None = None
-    overlap: float = 0.25
-    batch_size: int = 4
-    threshold: float = 0.5
+    overlap: float = DEFAULT_OVERLAP
+    batch_size: int = DEFAULT_WINDOW_BATCH_SIZE
+    threshold: float = DEFAULT_THRESHOLD
     bands: tuple[int, ...] | None = None
-    percentiles: tuple[float, float] = (2.0, 98.0)
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES
     recursive: bool = False
     vector_format: str | None = None
     objects: str = "mask"
@@ -164,7 +165,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], recursive: bool = False) 
 
 
 def open_scene(
-    path: str | os.PathLike, bands: Sequence[int] | None = None, percentiles: tuple[float, float] = (2.0, 98.0)
+    path: str | os.PathLike, bands: Sequence[int] | None = None, percentiles: tuple[float, float] = DEFAULT_PERCENTILES
 ) -> SceneReader:
     """
     Opens an input: TIFFs and URLs with rasterio as a lazy [`GeoTiffScene`] (band choice and stretch apply; a URL is
@@ -562,77 +563,8 @@ def predict_files(
     return records
 
 
-def _int_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(","))
-
-
-def _float_pair(text: str) -> tuple[float, float]:
-    low, high = (float(part) for part in text.split(","))
-    return low, high
-
-
-def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Adds `crobim-u predict` to the command line."""
-    parser = subparsers.add_parser(
-        "predict",
-        help="segment referring expressions in images, folders and GeoTIFF scenes of any size",
-        description=(
-            "Writes, per input and expression, a mask, an uncertainty map and an overlay to --output, and one line "
-            f"per result to {RESULTS_FILE}. Unreadable inputs are reported and skipped; the exit status is 1 if any "
-            "failed."
-        ),
-    )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, or .txt lists of paths")
-    parser.add_argument("--recursive", action="store_true",
-                        help="folder inputs include the images of their subfolders (by default only their own)")
-    parser.add_argument("--model", required=True, help="checkpoint folder or Hub id")
-    parser.add_argument("--expression", action="append", required=True,
-                        help="referring expression (repeat the flag for several)")
-    parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--tile", nargs="?", const="always", default="auto", choices=("auto", "always", "never"),
-                        help=f"tile scenes: auto (a side over {TILE_FACTOR}x the window), always (bare --tile), never "
-                             "(resize the whole image to the model input)")
-    parser.add_argument("--mode", default="tiled", choices=[mode for mode in MODES if mode != "resize"],
-                        help="tiled: every window judges the expression locally; downsample-refine: find the object "
-                             "on the whole scene downsampled, refine it with windows (for global phrases such as "
-                             "'the largest building')")
-    parser.add_argument("--window", type=int, help="window side in scene pixels (default: the model input side)")
-    parser.add_argument("--overlap", type=float, default=0.25, help="overlap of neighbouring windows (fraction)")
-    parser.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
-    parser.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is in the mask")
-    parser.add_argument("--bands", type=_int_tuple,
-                        help="raster inputs: 1-based RGB bands as in GDAL, e.g. 3,2,1 (default: by colour "
-                             "interpretation)")
-    parser.add_argument("--stretch", type=_float_pair, default=(2.0, 98.0), metavar="LOW,HIGH",
-                        help="raster inputs: percentiles mapped to 0 and 255 for non-8-bit bands (default 2,98)")
-    parser.add_argument("--vector-format", "--vector_format", dest="vector_format", choices=list(VECTOR_FORMATS),
-                        help="vector file per input and expression: geojson (RFC 7946, WGS 84), gpkg, shp or parquet "
-                             "(GeoParquet) (default: geojson for georeferenced rasters, none for other images)")
-    parser.add_argument("--objects", default="mask", choices=list(OBJECT_MODES),
-                        help="vector features: mask (the whole mask, one feature; default), all (one per connected "
-                             "object) or best (the object with the highest mean probability)")
-    parser.add_argument("--simplify", type=float, default=0.0, metavar="TOLERANCE",
-                        help="simplify polygons to this tolerance in CRS units (pixels for plain images), keeping "
-                             "them valid")
-    parser.add_argument("--min-area", "--min_area", dest="min_area", type=float, default=0.0,
-                        help="leave out objects smaller than this (square metres in a metric CRS, pixels for plain "
-                             "images)")
-    parser.add_argument("--dst-crs", "--dst_crs", dest="dst_crs", metavar="CRS",
-                        help="reproject the rasters and vectors of georeferenced inputs, e.g. EPSG:3857")
-    parser.add_argument("--device",
-                        help="torch device (default: the process's accelerate device: cuda:<local rank> where CUDA is "
-                             "available, else cpu)")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                        help="precision of the forward passes (torch.autocast; outputs stay float32/uint8): float32 "
-                             "(default), bfloat16 (CPU or GPU) or float16 (GPU only)")
-    parser.add_argument("--resume", action="store_true",
-                        help="skip inputs that an earlier (possibly killed) run into --output completed: listed as ok "
-                             f"in {RESULTS_FILE} with every output file present; the others are segmented again")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    parser.set_defaults(handler=_predict)
-
-
-def _predict(args: argparse.Namespace) -> int:
+def predict_command(args: argparse.Namespace) -> int:
+    """Runs `crobim-u predict` (its parser is built in `crobim_u.cli`)."""
     # Every argument is checked before the model loads, so a bad one costs one message, not one per input.
     try:
         options = PredictOptions(
@@ -644,7 +576,7 @@ def _predict(args: argparse.Namespace) -> int:
         for index, expression in enumerate(args.expression):
             if not expression.strip():
                 raise ValueError(f"--expression number {index + 1} is empty; a referring expression needs words.")
-        check_output_dir(args.output)
+        check_output_dir(args.output_dir)
         # Under `accelerate launch` / `torchrun` this joins the other processes; alone, it is a state of one.
         state, device = process_state(args.device)
         dtype = check_dtype(args.dtype, device)
@@ -662,7 +594,7 @@ def _predict(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     records = predict_files(
-        autocast_model(model, dtype), processor, args.inputs, args.expression, args.output, options, args.progress,
+        autocast_model(model, dtype), processor, args.inputs, args.expression, args.output_dir, options, args.progress,
         resume=args.resume, state=state,
     )
     problems: dict[str, dict[str, Any]] = {}  # per input, its first failed record, else its first partial one
@@ -677,7 +609,7 @@ def _predict(args: argparse.Namespace) -> int:
     print(
         f"{len(inputs)} inputs x {len(args.expression)} expressions: {len(inputs) - len(problems)} inputs done, "
         f"{len(problems) - len(failed)} partly done, {len(failed)} failed; results in "
-        f"{Path(args.output) / RESULTS_FILE}"
+        f"{Path(args.output_dir) / RESULTS_FILE}"
     )
     for path, record in problems.items():
         print(f"{'FAILED' if record['status'] == 'error' else 'PARTIAL'} {path}: {record['error']}")
@@ -685,6 +617,6 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 __all__ = [
-    "PredictOptions", "add_predict_parser", "check_expressions", "check_output_dir", "choose_mode", "completed_records",
-    "expand_inputs", "open_scene", "predict_files",
+    "PredictOptions", "check_expressions", "check_output_dir", "choose_mode", "completed_records",
+    "expand_inputs", "open_scene", "predict_command", "predict_files",
 ]

@@ -190,21 +190,8 @@ def drop_invalid_rows(
     return dropped
 
 
-def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
-    """`crobim-u train CONFIG.json [--flag value ...]`: the arguments of `python -m crobim_u.training.run`."""
-    # Everything after `train` goes to HfArgumentParser untouched (`--help` included): with "+" as the only prefix
-    # character, argparse takes `--flags` as plain words.
-    parser = subparsers.add_parser(
-        "train",
-        help="train or fine-tune a model (JSON config and/or flags; `crobim-u train --help` lists them)",
-        add_help=False,
-        prefix_chars="+",
-    )
-    parser.add_argument("arguments", nargs=argparse.REMAINDER)
-    parser.set_defaults(handler=_train_command)
-
-
-def _train_command(args: argparse.Namespace) -> int:
+def train_command(args: argparse.Namespace) -> int:
+    """Runs `crobim-u train CONFIG.json [--flag value ...]`: the arguments of `python -m crobim_u.training.run`."""
     main(args.arguments, prog="crobim-u train")
     return 0
 
