@@ -122,7 +122,7 @@ def main() -> int:
 
         command = [
             sys.executable, "-m", "crobim_u.cli", "predict", "--model", str(model_path),
-            "--expression", args.expression, "--output", str(output), "--window", str(args.window),
+            "--expression", args.expression, "--output_dir", str(output), "--window", str(args.window),
             "--overlap", str(args.overlap), "--batch_size", str(args.batch_size), "--mode", args.mode,
             "--device", "cpu", str(scene_path),
         ]

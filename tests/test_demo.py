@@ -97,7 +97,7 @@ def test_quick_demo_folder_reloads_with_the_same_logits(quick_run):
 
 def test_demo_subcommand_is_registered():
     args = build_parser().parse_args(["demo", "--quick", "--output_dir", "somewhere", "--text_encoder", "scratch"])
-    assert args.handler is demo._demo_command
+    assert args.handler is demo.demo_command
     assert (args.quick, args.output_dir, args.text_encoder, args.seed) == (True, "somewhere", "scratch", 0)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--text_encoder", "bert-large"])
