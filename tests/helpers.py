@@ -328,6 +328,24 @@ def read_results(output) -> list[dict]:
     return [json.loads(line) for line in (pathlib.Path(output) / RESULTS_FILE).read_text().splitlines()]
 
 
+def count_segmented_inputs(monkeypatch) -> list[str]:
+    """
+    Patches `predict`'s per-input segmentation so that each call records its input path; returns that list (resumed
+    runs: what was segmented again).
+    """
+    from crobim_u.inference import predict as predict_module
+
+    segmented: list[str] = []
+    predict_scene = predict_module.predict_scene
+
+    def counting_predict_scene(*args, **kwargs):
+        segmented.append(args[2])
+        return predict_scene(*args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "predict_scene", counting_predict_scene)
+    return segmented
+
+
 def run_without_crobim_u(script: str, *args: str, tmp_path) -> subprocess.CompletedProcess:
     """Runs `script` in a new Python process where `crobim_u` cannot be imported."""
     # The same number of intra-op threads as this process, so float reductions run in the same order.

@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from helpers import assert_close_across_processes, random_image, save_checkpoint
+from helpers import assert_close_across_processes, count_segmented_inputs, random_image, save_checkpoint
 from transformers.trainer_utils import get_last_checkpoint
 
 from crobim_u.cli import main as cli_main
-from crobim_u.inference import predict as predict_module
 from crobim_u.inference.predict import RESULTS_FILE
 from crobim_u.training.checkpoints import checkpoint_folders, checkpoint_problem, last_complete_checkpoint
 from crobim_u.training.run import main as train_main
@@ -233,14 +232,7 @@ def test_predict_killed_while_writing_resumes_and_skips_what_is_done(tmp_path, m
         with Image.open(path) as image:
             image.load()
 
-    segmented = []
-    predict_scene = predict_module.predict_scene
-
-    def counting_predict_scene(*args, **kwargs):
-        segmented.append(args[2])
-        return predict_scene(*args, **kwargs)
-
-    monkeypatch.setattr(predict_module, "predict_scene", counting_predict_scene)
+    segmented = count_segmented_inputs(monkeypatch)
     assert cli_main([*flags, "--resume"]) == 0
     assert len(segmented) == 6 - len(done_before)  # only the inputs not done were segmented again
     records = [json.loads(line) for line in (output / RESULTS_FILE).read_text().splitlines()]

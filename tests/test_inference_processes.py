@@ -14,6 +14,7 @@ import pytest
 from datasets import DatasetDict
 from helpers import (
     assert_close_across_processes,
+    count_segmented_inputs,
     free_port,
     random_image,
     read_results,
@@ -24,7 +25,6 @@ from PIL import Image
 
 from crobim_u.cli import main
 from crobim_u.data import export_folder
-from crobim_u.inference import predict as predict_module
 from crobim_u.inference.predict import PROCESS_RESULTS_GLOB, RESULTS_FILE
 
 
@@ -166,14 +166,7 @@ def test_a_run_killed_under_two_processes_resumes_under_one(workspace, one_proce
     assert done_before == [inputs[0]] * len(EXPRESSIONS) + [inputs[4]] * len(EXPRESSIONS)
     assert read_results(output) == []
 
-    segmented = []
-    predict_scene = predict_module.predict_scene
-
-    def counting_predict_scene(*args, **kwargs):
-        segmented.append(args[2])
-        return predict_scene(*args, **kwargs)
-
-    monkeypatch.setattr(predict_module, "predict_scene", counting_predict_scene)
+    segmented = count_segmented_inputs(monkeypatch)
     assert main([*predict_flags(workspace, output), "--resume"]) == 0
     assert len(segmented) == NUM_INPUTS - 2  # what either process finished is not done again
     assert not list(output.glob(PROCESS_RESULTS_GLOB))
@@ -232,14 +225,7 @@ def test_resume_reads_the_records_every_process_left_and_restores_input_order(wo
         lines = [json.dumps(record) + "\n" for record in records if record["input"] == done]
         (output / f"results.rank-{rank}.jsonl").write_text("".join(lines))
     (output / RESULTS_FILE).write_text("")
-    segmented = []
-    predict_scene = predict_module.predict_scene
-
-    def counting_predict_scene(*args, **kwargs):
-        segmented.append(args[2])
-        return predict_scene(*args, **kwargs)
-
-    monkeypatch.setattr(predict_module, "predict_scene", counting_predict_scene)
+    segmented = count_segmented_inputs(monkeypatch)
     assert main([*predict_flags(workspace, output), "--resume"]) == 0
     assert len(segmented) == NUM_INPUTS - 2
     assert not list(output.glob(PROCESS_RESULTS_GLOB))
