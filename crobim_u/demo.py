@@ -43,7 +43,7 @@ from .inference.visualize import draw_overlay
 from .metrics import METRIC_ORDER, ReferringSegmentationMetric
 from .modeling_crobim_u import CrobimUForReferringSegmentation
 from .processing_crobim_u import CrobimUProcessor
-from .training import CrobimUDataCollator, CrobimUTrainer, CrobimUTrainingArguments, ModelCardInfo, render_model_card
+from .training import CrobimUDataCollator, CrobimUTrainer, CrobimUTrainingArguments, ModelCardInfo
 from .training.model_card import DEFAULT_TEMPLATE
 from .training.run import build_synthetic_tokenizer
 

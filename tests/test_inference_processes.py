@@ -4,7 +4,6 @@ processes of a killed run left."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path

@@ -2,7 +2,6 @@
 1 to 10,000 for predict's files), PIL modes, dtypes and layouts, only the documented exceptions are raised, and
 results always come back at the input's size."""
 
-import json
 from types import SimpleNamespace
 
 import numpy as np
