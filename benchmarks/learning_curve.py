@@ -114,6 +114,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default="benchmarks/results/learning_curve.json")
+    parser.add_argument(
+        "--save-model", metavar="DIR", help="also save the final model and processor there (for the linear probes)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -143,7 +146,12 @@ def main() -> None:
     callback = ScoreDuringTraining(args.eval_steps, {"test": test, "relational": relational}, report)
     started = time.time()
     with tempfile.TemporaryDirectory() as work_dir:
-        train_on_synthetic(recipe, train, work_dir, seed=args.seed, progress=False, callbacks=[callback])
+        model, processor, _ = train_on_synthetic(
+            recipe, train, work_dir, seed=args.seed, progress=False, callbacks=[callback]
+        )
+    if args.save_model:
+        model.save_pretrained(args.save_model)
+        processor.save_pretrained(args.save_model)
     report["wall_seconds"] = round(time.time() - started, 1)
     write()
 

@@ -54,7 +54,7 @@ RELATIONAL_FAMILIES = ("relation", "size")
 METRIC_KEYS = ("mIoU", "oIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9")
 
 
-# The demo's model over the `tiny` preset (README, "The demo", has the measurements):
+# The demo's model over the `tiny` preset (docs/demo.md has the measurements):
 # - a small ResNet image encoder: its 3x3 convolutions learn the shapes of small objects from scratch faster than
 #   the tiny Swin's linear 4x4 patch embedding;
 # - the mask head at stride 2: even a perfect stride-4 head would score only 0.64 mIoU on the demo's easy test scenes

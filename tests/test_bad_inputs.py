@@ -1,5 +1,5 @@
 """The bad-input table: one row per bad input, each with its expected outcome, either handled (and how) or a specific
-exception whose message names the problem. README ("Input handling") summarises it."""
+exception whose message names the problem. docs/input-handling.md summarises it."""
 
 import io
 import json
