@@ -10,7 +10,7 @@ expression each (the data of the demo when its model was chosen; `--difficulty e
 half of them relational or size comparisons) with the demo's
 recipe and seed, changed only as its entry in `VARIANTS` says, and is scored on 300 test scenes, overall and
 on the samples with a same-class distractor, next to the class-only reference. This is how the demo's model
-(`crobim_u.demo.DEMO_MODEL_OVERRIDES`) was chosen; BENCHMARKS.md has the table.
+(`crobim_u.demo.DEMO_MODEL_OVERRIDES`) was chosen; BENCHMARKS.md, "What we tried", has the results.
 """
 
 import argparse

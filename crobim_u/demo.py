@@ -96,7 +96,7 @@ class DemoRecipe:
     max_steps: int = 2250
     batch_size: int = 8  # expressions per step
     # Expressions per training scene, read in one step: the image encoder runs once per scene, which makes a step
-    # about 12% cheaper and buys the steps above (BENCHMARKS.md, "Two expressions per scene").
+    # about 12% cheaper and buys the steps above (BENCHMARKS.md, "What we tried").
     expressions_per_image: int = 2
     # Share of the training expressions drawn from the relation and size families only (their own scenes, from the
     # stream of seed + 1); the rest follow the difficulty's mix, where relations are rare (6% at easy). Training data
