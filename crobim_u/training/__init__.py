@@ -3,6 +3,7 @@
 from .arguments import CrobimUTrainingArguments, DataArguments, ModelArguments, parse_arguments
 from .collator import CrobimUDataCollator
 from .model_card import ModelCardInfo, render_model_card
+from .preprocessed import PreprocessedSceneDataset, collate_preprocessed_scenes, preprocess_scenes
 from .trainer import CrobimUTrainer, load_weights_like_from_pretrained, parameter_groups
 
 
@@ -13,8 +14,11 @@ __all__ = [
     "DataArguments",
     "ModelArguments",
     "ModelCardInfo",
+    "PreprocessedSceneDataset",
+    "collate_preprocessed_scenes",
     "load_weights_like_from_pretrained",
     "parameter_groups",
     "parse_arguments",
+    "preprocess_scenes",
     "render_model_card",
 ]
