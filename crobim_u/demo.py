@@ -21,46 +21,37 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from datasets import Dataset, concatenate_datasets
-from PIL import Image
-from tqdm.auto import tqdm
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoTokenizer,
-    PreTrainedTokenizerBase,
-    TrainerCallback,
-    default_data_collator,
-)
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
 
 from .configuration_crobim_u import CrobimUConfig
 from .data.synthetic import DIFFICULTIES, load_synthetic
 from .image_processing_crobim_u import CrobimUImageProcessor
 from .inference.evaluation import evaluate_referring_segmentation, evaluate_reference_masks
 from .inference.visualize import draw_overlay
-from .metrics import METRIC_ORDER, ReferringSegmentationMetric
+from .metrics import METRIC_ORDER, ReferringSegmentationMetric, format_metric_table
 from .modeling_crobim_u import CrobimUForReferringSegmentation
 from .processing_crobim_u import CrobimUProcessor
-from .training import CrobimUDataCollator, CrobimUTrainer, CrobimUTrainingArguments, ModelCardInfo
+from .training import CrobimUTrainer, CrobimUTrainingArguments, ModelCardInfo
 from .training.model_card import DEFAULT_TEMPLATE
+from .training.preprocessed import collate_preprocessed_scenes, frozen_text_encoder, preprocess_scenes
 from .training.run import build_synthetic_tokenizer
 
 
 TEXT_ENCODERS = ("auto", "minilm", "scratch")
 # The families that compare objects: a relation to another object, or a size among look-alikes.
 RELATIONAL_FAMILIES = ("relation", "size")
-METRIC_KEYS = ("mIoU", "oIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9")
+# The name under which the benchmarks import the training split's one-off processing.
+preprocess = preprocess_scenes
 
 
 # The demo's model over the `tiny` preset (docs/demo.md has the measurements):
 # - a small ResNet image encoder: its 3x3 convolutions learn the shapes of small objects from scratch faster than
 #   the tiny Swin's linear 4x4 patch embedding;
-# - the mask head at stride 2: even a perfect stride-4 head would score only 0.64 mIoU on the demo's easy test scenes
-#   (half of their targets cover under 104 pixels), and 0.46 on medium ones;
+# - the mask head at stride 2: the demo's targets are small, and a stride-4 head cannot draw them even when perfect;
 # - a wider initialisation than BERT's 0.02: 0.1 is close to 1/sqrt(d_model) for the preset's 64-wide layers, where
-#   0.02 shrinks every projection's output about sixfold.
+#   0.02 shrinks every projection's output.
 DEMO_MODEL_OVERRIDES: dict[str, Any] = {
     "backbone_config": {
         "model_type": "resnet",
@@ -85,23 +76,21 @@ class DemoRecipe:
     # time; at "easy" (larger objects, fewer of them, fewer relational expressions) it reads the expressions
     # clearly beyond it. The ablation study uses "easy" for the same reason (BENCHMARKS.md).
     difficulty: str = "easy"
-    # Training expressions, two per scene (`expressions_per_image`): 8,000 scenes, each seen about 1.1 times by the
-    # 2,250 steps of 4 scenes. With one expression per scene, 6,000 scenes seen 2.5 times each left the model 6 points
-    # of mIoU higher on training scenes than on test scenes.
+    # Training expressions, two per scene (`expressions_per_image`): 8,000 scenes, each seen about once by the
+    # 2,250 steps of 4 scenes; fewer scenes seen more often overfit (BENCHMARKS.md).
     num_train: int = 16000
     num_test: int = 300
-    # About 11-13 minutes of training on the shared 2-core CPU, whose speed varies with its load, so that the whole
-    # demo stays under 15 (README). Batch 8 learns more per second than batch 16: its step takes about 40% of the time
-    # of a batch-16 step, and at equal samples seen it reaches a lower loss; batch 4 fell behind (BENCHMARKS.md).
+    # Sized so that the whole demo stays within the README's time on a 2-core CPU. Batch 8 learns more per second
+    # than batch 16 or batch 4 (BENCHMARKS.md).
     max_steps: int = 2250
     batch_size: int = 8  # expressions per step
     # Expressions per training scene, read in one step: the image encoder runs once per scene, which makes a step
-    # about 12% cheaper and buys the steps above (BENCHMARKS.md, "What we tried").
+    # cheaper and buys the steps above (BENCHMARKS.md, "What we tried").
     expressions_per_image: int = 2
     # Share of the training expressions drawn from the relation and size families only (their own scenes, from the
     # stream of seed + 1); the rest follow the difficulty's mix, where relations are rare (6% at easy). Training data
-    # only: the test split keeps the difficulty's mix. Half raised the relation family by 15.6 points and the overall
-    # mIoU by 2.4; attribute and unique-class expressions lost about 3 (BENCHMARKS.md, "Relations and comparisons").
+    # only: the test split keeps the difficulty's mix. Half trades a little on the other families for much better
+    # relations (BENCHMARKS.md, "Relations and comparisons").
     relational_share: float = 0.5
     learning_rate: float = 1e-3
     warmup_steps: int = 60
@@ -178,13 +167,6 @@ def build_model_and_tokenizer(
     return model, AutoTokenizer.from_pretrained(path), init
 
 
-def frozen_text_encoder(model: CrobimUForReferringSegmentation) -> torch.nn.Module | None:
-    """The model's text encoder, in eval mode, where it is frozen (its features can then be computed once), else None."""
-    if any(parameter.requires_grad for parameter in model.text_encoder.parameters()):
-        return None
-    return model.text_encoder.eval()
-
-
 def _describe(config: CrobimUConfig) -> str:
     """E.g. "`tiny` preset (resnet image encoder, mask head at stride 2)", for the model card."""
     return (
@@ -192,143 +174,9 @@ def _describe(config: CrobimUConfig) -> str:
     )
 
 
-class _TensorDataset(torch.utils.data.Dataset):
-    """Model inputs processed once: rows of equal-shape tensors, which `default_data_collator` stacks."""
-
-    def __init__(self, columns: dict[str, torch.Tensor]):
-        self.columns = columns
-
-    def __len__(self) -> int:
-        return len(next(iter(self.columns.values())))
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {name: column[index] for name, column in self.columns.items()}
-
-
-def preprocess(
-    dataset: Dataset,
-    processor: CrobimUProcessor,
-    chunk_size: int = 256,
-    progress: bool = True,
-    frozen_text_encoder: torch.nn.Module | None = None,
-    expressions_per_image: int = 1,
-    reference_masks: bool = False,
-) -> _TensorDataset:
-    """
-    Runs the processor over the split once, so that training reads tensors instead of decoding JPEGs at every step.
-    Images are kept as float16 (halving the memory; the model computes in float32) and masks as uint8. With a
-    `frozen_text_encoder`, its hidden states replace the token ids (the model's `text_hidden_states` input), so that
-    no training step runs it again.
-
-    Each item is a scene: its image (`pixel_values` `(3, H, W)`) and its `expressions_per_image` expressions (the
-    other columns, `(K, ...)`), from that many consecutive rows with one `image_id`; `_collate` pairs them with
-    `image_indices`. With `reference_masks`, the split's `reference_mask` column becomes `reference_labels` (the
-    target of the model's first spatial pointer).
-    """
-    per_scene = expressions_per_image
-    image_ids = dataset["image_id"]
-    if len(image_ids) % per_scene:
-        raise ValueError(f"{len(image_ids)} rows do not split into scenes of {per_scene} expressions.")
-    for row, image_id in enumerate(image_ids):
-        if image_id != image_ids[row - row % per_scene]:
-            raise ValueError(
-                f"Row {row} has image_id {image_id!r}, expected {image_ids[row - row % per_scene]!r}: each scene's "
-                f"{per_scene} rows must be consecutive."
-            )
-    collate = CrobimUDataCollator(processor)
-    parts = []
-    encoded: dict[str, torch.Tensor] = {}  # expression -> hidden states of its tokens; expressions repeat a lot
-    for start in tqdm(range(0, len(dataset), chunk_size), desc="preprocess", unit="chunk", disable=not progress):
-        rows = dataset.select(range(start, min(start + chunk_size, len(dataset))))
-        batch = collate(list(rows.select_columns(["image", "mask", "expression"])))
-        batch["pixel_values"] = batch["pixel_values"].half()
-        batch["labels"] = batch["labels"].to(torch.uint8)
-        if reference_masks:
-            side = (processor.image_processor.size["width"], processor.image_processor.size["height"])
-            batch["reference_labels"] = torch.from_numpy(np.stack([
-                np.asarray(mask.resize(side, Image.NEAREST)) for mask in rows["reference_mask"]
-            ]))
-        if frozen_text_encoder is not None:
-            text = {key: batch.pop(key) for key in ("input_ids", "token_type_ids") if key in batch}
-            batch["text_hidden_states"] = _encode_once(
-                frozen_text_encoder, rows["expression"], text, batch["attention_mask"], encoded
-            )
-        parts.append(batch)
-    # Pad every chunk's tokens to one length so that any batch stacks.
-    length = max(part["attention_mask"].shape[1] for part in parts)
-    columns = {}
-    for name in parts[0]:
-        tensors = [part[name] for part in parts]
-        if name in ("input_ids", "attention_mask", "token_type_ids", "text_hidden_states"):
-            pad = processor.tokenizer.pad_token_id if name == "input_ids" else 0
-            widths = (0, 0) if name == "text_hidden_states" else ()
-            tensors = [torch.nn.functional.pad(t, (*widths, 0, length - t.shape[1]), value=pad) for t in tensors]
-        stacked = torch.cat(tensors)  # one row per expression; a scene's image is in each of its rows
-        columns[name] = stacked[::per_scene] if name == "pixel_values" else stacked.unflatten(0, (-1, per_scene))
-    return _TensorDataset(columns)
-
-
-@torch.no_grad()
-def _encode_once(
-    encoder: torch.nn.Module,
-    expressions: list[str],
-    text: dict[str, torch.Tensor],
-    attention_mask: torch.Tensor,
-    encoded: dict[str, torch.Tensor],
-) -> torch.Tensor:
-    """
-    Hidden states `(B, L, D)` of a chunk's tokenized expressions, running the encoder only on those not in `encoded`
-    (which it extends). Padded positions hold zeros: the model reads them through the attention mask only.
-    """
-    first_rows = {}
-    for row, expression in enumerate(expressions):
-        first_rows.setdefault(expression, row)
-    new_rows = [row for expression, row in first_rows.items() if expression not in encoded]
-    if new_rows:
-        new_text = {key: value[new_rows] for key, value in text.items()}
-        hidden = encoder(**new_text, attention_mask=attention_mask[new_rows])
-        for row, states in zip(new_rows, hidden.last_hidden_state):
-            encoded[expressions[row]] = states[: int(attention_mask[row].sum())]
-    length = attention_mask.shape[1]
-    return torch.stack([
-        torch.nn.functional.pad(encoded[expression], (0, 0, 0, length - len(encoded[expression])))
-        for expression in expressions
-    ])
-
-
-def _collate(scenes: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Scenes of `preprocess` into a batch of expressions, with `image_indices` where a scene has several."""
-    batch = default_data_collator(scenes)
-    per_scene = batch["labels"].shape[1]
-    batch = {name: value if name == "pixel_values" else value.flatten(0, 1) for name, value in batch.items()}
-    batch["pixel_values"] = batch["pixel_values"].to(torch.float32, memory_format=torch.channels_last)
-    if per_scene > 1:
-        batch["image_indices"] = torch.arange(len(scenes)).repeat_interleave(per_scene)
-    return batch
-
-
 def _pick(metrics: dict[str, Any]) -> dict[str, float]:
-    return {key: float(metrics[key]) for key in METRIC_KEYS}
-
-
-def format_demo_table(metrics: dict[str, Any], num_test: int, num_distractor: int) -> str:
-    """Model vs class-only reference, on the whole test split and on its samples with a same-class distractor."""
-    rows = [
-        (f"model, test ({num_test})", metrics),
-        (f"class-only, test ({num_test})", metrics["class_only"]),
-        (f"model, with distractor ({num_distractor})", metrics["with_distractor"]["model"]),
-        (f"class-only, with distractor ({num_distractor})", metrics["with_distractor"]["class_only"]),
-    ]
-    label_width = max(len(label) for label, _ in rows)
-    header = "| " + "".ljust(label_width) + " | " + " | ".join(name.rjust(6) for name in METRIC_ORDER) + " |"
-    rule = "|" + "-" * (label_width + 2) + "|" + "|".join("-" * 7 + ":" for _ in METRIC_ORDER) + "|"
-    lines = [header, rule]
-    for label, values in rows:
-        lines.append(
-            "| " + label.ljust(label_width) + " | "
-            + " | ".join(f"{100 * values[name]:.2f}".rjust(6) for name in METRIC_ORDER) + " |"
-        )
-    return "\n".join(lines)
+    """The table's metrics (`METRIC_ORDER`) of a metrics dict, as floats."""
+    return {key: float(metrics[key]) for key in METRIC_ORDER}
 
 
 @torch.no_grad()
@@ -394,7 +242,7 @@ def train_on_synthetic(
     processor = CrobimUProcessor(
         CrobimUImageProcessor(size={"height": side, "width": side}), tokenizer, max_length=recipe.max_length
     )
-    train_dataset = preprocess(
+    train_dataset = preprocess_scenes(
         train_split, processor, progress=progress, frozen_text_encoder=frozen_text_encoder(model),
         expressions_per_image=recipe.expressions_per_image,
         reference_masks=model.config.num_pointers > 1 and "reference_mask" in train_split.column_names,
@@ -419,15 +267,15 @@ def train_on_synthetic(
         disable_tqdm=not progress,
     )
     trainer = CrobimUTrainer(
-        model=model, args=args, train_dataset=train_dataset, data_collator=_collate, processing_class=processor,
-        callbacks=callbacks,
+        model=model, args=args, train_dataset=train_dataset, data_collator=collate_preprocessed_scenes,
+        processing_class=processor, callbacks=callbacks,
         model_card_info=ModelCardInfo(
             dataset="synthetic", splits={"test": "test"}, num_train_samples=len(train_split), init=init,
             image_size=side, max_length=recipe.max_length, extra={"demo recipe": json.dumps(asdict(recipe))},
         ),
     )
-    # Channels-last convolutions make a training step about 7% faster on this CPU (oneDNN, BENCHMARKS.md). The weights
-    # return to the standard layout afterwards: safetensors stores contiguous tensors only.
+    # Channels-last convolutions make a training step faster on CPUs (oneDNN, BENCHMARKS.md). The weights return to
+    # the standard layout afterwards: safetensors stores contiguous tensors only.
     model.to(memory_format=torch.channels_last)
     trainer.train()
     model.to(memory_format=torch.contiguous_format)
@@ -586,7 +434,13 @@ def run_demo(
 
     side = recipe.image_size
     print(f"\nsynthetic test split ({recipe.difficulty}, {side}x{side}), scored at the original resolution:")
-    print(format_demo_table(metrics, len(test), len(with_distractor)))
+    num_test, num_distractor = len(test), len(with_distractor)
+    print(format_metric_table([
+        (f"model, test ({num_test})", metrics),
+        (f"class-only, test ({num_test})", metrics["class_only"]),
+        (f"model, with distractor ({num_distractor})", metrics["with_distractor"]["model"]),
+        (f"class-only, with distractor ({num_distractor})", metrics["with_distractor"]["class_only"]),
+    ]))
     print(f"wrote the model, processor and metrics.json to {output_dir}, {len(overlays)} overlays to "
           f"{os.path.join(output_dir, 'overlays')}; {time.time() - started:.0f} s in all")
     return metrics

@@ -14,7 +14,7 @@ two integer counts per sample (or to fixed histograms for the uncertainty metric
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -257,20 +257,31 @@ def build_compute_metrics(**metric_kwargs) -> Callable[..., dict[str, float]]:
     return compute_metrics
 
 
-def format_metric_table(metrics: dict[str, float]) -> str:
+def format_metric_table(metrics: Mapping[str, float] | Sequence[tuple[str, Mapping[str, float]]]) -> str:
     """The table referring-segmentation papers print: Pr@0.5 … Pr@0.9, oIoU, mIoU in percent.
 
     Args:
-        metrics (`dict[str, float]`): Fractions as returned by [`ReferringSegmentationMetric.compute`].
+        metrics (`dict[str, float]` or `Sequence[tuple[str, dict[str, float]]]`):
+            Fractions as returned by [`ReferringSegmentationMetric.compute`], or `(label, metrics)` pairs for a table
+            of several rows, each led by its label (e.g. a model beside a reference).
 
     Returns:
-        `str`: a two-row Markdown table, values with two decimals.
+        `str`: a Markdown table, a header, a rule and one row per metrics dict, values with two decimals.
     """
+    labelled = not isinstance(metrics, Mapping)
+    rows = list(metrics) if labelled else [("", metrics)]
     width = len("100.00")
-    header = "| " + " | ".join(name.rjust(width) for name in METRIC_ORDER) + " |"
-    rule = "|" + "|".join("-" * (width + 1) + ":" for _ in METRIC_ORDER) + "|"
-    row = "| " + " | ".join(f"{100 * metrics[name]:.2f}".rjust(width) for name in METRIC_ORDER) + " |"
-    return "\n".join([header, rule, row])
+    label_width = max(len(label) for label, _ in rows)
+
+    def line(label: str, cells: list[str]) -> str:
+        return "| " + " | ".join(([label.ljust(label_width)] if labelled else []) + cells) + " |"
+
+    rule = (["-" * (label_width + 2)] if labelled else []) + ["-" * (width + 1) + ":"] * len(METRIC_ORDER)
+    return "\n".join([
+        line("", [name.rjust(width) for name in METRIC_ORDER]),
+        "|" + "|".join(rule) + "|",
+        *(line(label, [f"{100 * values[name]:.2f}".rjust(width) for name in METRIC_ORDER]) for label, values in rows),
+    ])
 
 
 def auroc_from_histograms(correct: torch.Tensor, errors: torch.Tensor) -> float:

@@ -1,7 +1,8 @@
+import ast
 import dataclasses
 import json
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -158,99 +159,28 @@ def test_demo_model_is_the_tiny_preset_with_a_resnet_encoder_and_a_stride_2_mask
     assert "resnet image encoder, mask head at stride 2" in (output_dir / "README.md").read_text()
 
 
-def test_preprocess_stores_a_frozen_text_encoder_s_features_in_place_of_token_ids():
-    from crobim_u import CrobimUImageProcessor, CrobimUProcessor
-    from crobim_u.data.synthetic import load_synthetic
-
-    model, tokenizer, _ = demo.build_model_and_tokenizer(demo.QUICK_RECIPE, "scratch")
-    model.eval()
-    processor = CrobimUProcessor(CrobimUImageProcessor(size={"height": 64, "width": 64}), tokenizer, max_length=20)
-    rows = load_synthetic(num_train=6, num_validation=0, num_test=0, image_size=64, seed=0)["train"]
-    # Chunks of 4 and 2 rows: their token lengths differ, so the stored features are padded across chunks.
-    plain = demo.preprocess(rows, processor, chunk_size=4, progress=False)
-    cached = demo.preprocess(rows, processor, chunk_size=4, progress=False, frozen_text_encoder=model.text_encoder)
-    assert "input_ids" not in cached.columns
-    length = plain.columns["input_ids"].shape[-1]
-    assert cached.columns["text_hidden_states"].shape == (6, 1, length, model.config.text_config.hidden_size)
-    torch.testing.assert_close(cached.columns["attention_mask"], plain.columns["attention_mask"])
-    with torch.no_grad():
-        expected = model(**demo._collate([plain[i] for i in range(6)]))
-        got = model(**demo._collate([cached[i] for i in range(6)]))
-    torch.testing.assert_close(got.logits, expected.logits)
-    torch.testing.assert_close(got.loss, expected.loss)
-
-
-def test_scenes_with_several_expressions_share_one_image_encoding():
-    from crobim_u import CrobimUImageProcessor, CrobimUProcessor
-    from crobim_u.data.synthetic import load_synthetic
-
-    model, tokenizer, _ = demo.build_model_and_tokenizer(demo.QUICK_RECIPE, "scratch")
-    model.eval()
-    processor = CrobimUProcessor(CrobimUImageProcessor(size={"height": 64, "width": 64}), tokenizer, max_length=20)
-    rows = load_synthetic(num_train=6, num_validation=0, num_test=0, image_size=64, seed=0, expressions_per_image=2)
-    rows = rows["train"]
-    scenes = demo.preprocess(rows, processor, chunk_size=4, progress=False, expressions_per_image=2)
-    alone = demo.preprocess(rows, processor, chunk_size=4, progress=False)  # the same rows, one per item
-    assert len(scenes) == 3 and len(alone) == 6
-    assert scenes.columns["pixel_values"].shape == (3, 3, 64, 64)
-    assert scenes.columns["labels"].shape == (3, 2, 64, 64)
-    grouped = demo._collate([scenes[i] for i in range(3)])
-    assert grouped["image_indices"].tolist() == [0, 0, 1, 1, 2, 2]
-    separate = demo._collate([alone[i] for i in range(6)])
-    assert "image_indices" not in separate
-    for name in ("labels", "input_ids", "attention_mask"):
-        torch.testing.assert_close(grouped[name], separate[name])
-    with torch.no_grad():
-        expected = model(**separate)
-        got = model(**grouped)
-    torch.testing.assert_close(got.logits, expected.logits)
-    torch.testing.assert_close(got.loss, expected.loss)
-
-
-def test_preprocess_rejects_rows_that_do_not_form_scenes():
-    from crobim_u import CrobimUImageProcessor, CrobimUProcessor
-    from crobim_u.data.synthetic import load_synthetic
-
-    _, tokenizer, _ = demo.build_model_and_tokenizer(demo.QUICK_RECIPE, "scratch")
-    processor = CrobimUProcessor(CrobimUImageProcessor(size={"height": 64, "width": 64}), tokenizer, max_length=20)
+def test_training_rejects_a_batch_that_would_split_a_scene():
     rows = load_synthetic(num_train=4, num_validation=0, num_test=0, image_size=64, seed=0)["train"]
-    with pytest.raises(ValueError, match="Row 1 has image_id 'synthetic-medium-0-train-000001'"):
-        demo.preprocess(rows, processor, progress=False, expressions_per_image=2)
-    with pytest.raises(ValueError, match="4 rows do not split into scenes of 3"):
-        demo.preprocess(rows, processor, progress=False, expressions_per_image=3)
     recipe = dataclasses.replace(demo.QUICK_RECIPE, batch_size=3, expressions_per_image=2)
     with pytest.raises(ValueError, match=r"batch_size \(3\) must be a multiple of expressions_per_image \(2\)"):
         demo.train_on_synthetic(recipe, rows, "unused", text_encoder="scratch", progress=False)
 
 
-def test_frozen_text_features_are_computed_once_per_distinct_expression():
-    from crobim_u import CrobimUImageProcessor, CrobimUProcessor
+def test_the_names_other_code_imports_from_the_demo_stay_there():
+    # The benchmarks and other scripts import these from `crobim_u.demo`; the training machinery itself now lives in
+    # `crobim_u.training.preprocessed`.
+    from crobim_u.training import preprocessed
 
-    model, tokenizer, _ = demo.build_model_and_tokenizer(demo.QUICK_RECIPE, "scratch")
-    model.eval()
-    processor = CrobimUProcessor(CrobimUImageProcessor(size={"height": 64, "width": 64}), tokenizer, max_length=20)
-    expressions = ["the red car", "the leftmost building", "the red car", "the tree", "the leftmost building"]
-    text = dict(processor.tokenizer(expressions, padding=True, return_tensors="pt"))
-    attention_mask = text.pop("attention_mask")
-    calls = []
-    encoder = model.text_encoder
-    hook = encoder.register_forward_hook(
-        lambda module, args, kwargs, output: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
-    )
-    encoded = {}
-    try:
-        got = demo._encode_once(encoder, expressions, text, attention_mask, encoded)
-        first_two = {key: value[:2] for key, value in text.items()}
-        again = demo._encode_once(encoder, expressions[:2], first_two, attention_mask[:2], encoded)
-    finally:
-        hook.remove()
-    assert calls == [3]  # three distinct expressions, then nothing new
-    with torch.no_grad():
-        expected = encoder(**text, attention_mask=attention_mask).last_hidden_state
-    real = attention_mask.bool()
-    torch.testing.assert_close(got[real], expected[real])
-    assert torch.all(got[~real] == 0)
-    torch.testing.assert_close(again, got[:2])
+    repository = Path(__file__).resolve().parents[1]
+    imported = set()
+    for path in [*repository.glob("benchmarks/*.py"), *repository.glob("examples/**/*.py"), repository / "app.py"]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module == "crobim_u.demo":
+                imported.update(alias.name for alias in node.names)
+    assert {"preprocess", "frozen_text_encoder", "DemoRecipe", "train_on_synthetic"} <= imported
+    assert [name for name in sorted(imported) if not hasattr(demo, name)] == []
+    assert demo.preprocess is preprocessed.preprocess_scenes
+    assert demo.frozen_text_encoder is preprocessed.frozen_text_encoder
 
 
 def test_metrics_by_family_score_each_family_beside_the_class_only_reference():
@@ -265,24 +195,6 @@ def test_metrics_by_family_score_each_family_beside_the_class_only_reference():
         assert block["model"]["mIoU"] == 1.0 and block["model"]["Pr@0.9"] == 1.0
         expected = evaluate_reference_masks(subset, "class_mask")
         assert block["class_only"] == {key: pytest.approx(expected[key], abs=1e-12) for key in METRIC_KEYS}
-
-
-def test_preprocess_keeps_reference_masks_for_the_first_pointer():
-    from crobim_u import CrobimUImageProcessor, CrobimUProcessor
-
-    _, tokenizer, _ = demo.build_model_and_tokenizer(demo.QUICK_RECIPE, "scratch")
-    processor = CrobimUProcessor(CrobimUImageProcessor(size={"height": 64, "width": 64}), tokenizer, max_length=20)
-    rows = load_synthetic(
-        num_train=4, num_validation=0, num_test=0, image_size=64, seed=0, families=("relation",)
-    )["train"]
-    dataset = demo.preprocess(rows, processor, progress=False, reference_masks=True)
-    references = dataset.columns["reference_labels"][:, 0]
-    assert references.shape == (4, 64, 64) and references.dtype == torch.uint8
-    for reference, row in zip(references, rows):
-        assert torch.equal(reference, torch.from_numpy(np.array(row["reference_mask"])))
-        assert reference.sum() > 0 and not (reference.bool() & torch.from_numpy(np.array(row["mask"]) > 0)).any()
-    batch = demo._collate([dataset[i] for i in range(4)])
-    assert batch["reference_labels"].shape == (4, 64, 64)
 
 
 def test_a_relational_share_of_training_scenes_comes_from_relations_and_sizes_only():

@@ -280,6 +280,21 @@ def test_format_metric_table():
     ]
 
 
+def test_format_metric_table_leads_labelled_rows_with_their_label():
+    model = {"Pr@0.5": 1.0, "Pr@0.6": 0.5, "Pr@0.7": 1 / 3, "Pr@0.8": 0.12345, "Pr@0.9": 0.0, "oIoU": 0.7381,
+             "mIoU": 0.600849}
+    reference = {name: 0.25 for name in model}
+    table = format_metric_table([("model, test (3)", model), ("class-only, test (3)", reference)])
+    assert table.splitlines() == [
+        "|                      | Pr@0.5 | Pr@0.6 | Pr@0.7 | Pr@0.8 | Pr@0.9 |   oIoU |   mIoU |",
+        "|----------------------|-------:|-------:|-------:|-------:|-------:|-------:|-------:|",
+        "| model, test (3)      | 100.00 |  50.00 |  33.33 |  12.35 |   0.00 |  73.81 |  60.08 |",
+        "| class-only, test (3) |  25.00 |  25.00 |  25.00 |  25.00 |  25.00 |  25.00 |  25.00 |",
+    ]
+    # The unlabelled table is the labelled one without its first column.
+    assert format_metric_table(model).splitlines()[2] == "| " + table.splitlines()[2].split(" | ", 1)[1]
+
+
 # --- evaluate module ----------------------------------------------------------------------------------------------
 
 

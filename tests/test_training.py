@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TRAIN_IMAGE_SIZE, run_flags, tiny_config
+from helpers import TRAIN_IMAGE_SIZE, run_flags, tiny_config, tiny_model, write_rrsisd
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
@@ -23,10 +23,12 @@ from crobim_u.training import (
     CrobimUDataCollator,
     CrobimUTrainer,
     CrobimUTrainingArguments,
+    ImageGroupedDataset,
     ModelCardInfo,
     parse_arguments,
     render_model_card,
 )
+from crobim_u.training.collator import consecutive_image_groups
 from crobim_u.training.run import build_synthetic_tokenizer, freeze_unused_parameters, main
 from crobim_u.training.trainer import load_weights_like_from_pretrained
 
@@ -162,6 +164,50 @@ def test_collator_returns_model_inputs_and_binary_labels(processor, cache_dir):
     assert "labels" not in without_masks and without_masks["input_ids"].shape[1] <= 4
 
 
+def test_consecutive_rows_of_one_image_form_a_group():
+    assert consecutive_image_groups(["a", "a", "b", "a", "c", "c", "c"]) == [
+        range(0, 2), range(2, 3), range(3, 4), range(4, 7)
+    ]
+    assert consecutive_image_groups([]) == []
+
+
+def test_image_groups_collate_to_each_image_once_with_its_expressions(processor, cache_dir):
+    rows = load_referring_dataset(
+        "synthetic", num_train=6, num_validation=0, num_test=0, image_size=SIZE, expressions_per_image=2,
+        cache_dir=cache_dir,
+    )["train"]
+    groups = ImageGroupedDataset(rows)
+    assert len(groups) == 3
+    assert groups[1]["image_id"] == rows[2]["image_id"] == rows[3]["image_id"]
+    assert groups[1]["expression"] == [rows[2]["expression"], rows[3]["expression"]]
+    collate = CrobimUDataCollator(processor)
+    grouped = collate([groups[i] for i in range(3)])
+    separate = collate([rows[i] for i in range(6)])
+    assert grouped["image_indices"].tolist() == [0, 0, 1, 1, 2, 2] and "image_indices" not in separate
+    assert grouped["pixel_values"].shape == (3, 3, SIZE, SIZE)
+    torch.testing.assert_close(grouped["pixel_values"], separate["pixel_values"][::2], rtol=0, atol=0)
+    for name in ("labels", "input_ids", "attention_mask", "token_type_ids"):
+        torch.testing.assert_close(grouped[name], separate[name], rtol=0, atol=0)
+    model = tiny_model(text_config={"vocab_size": len(processor.tokenizer)})
+    with torch.no_grad():
+        expected, got = model(**separate), model(**grouped)
+    torch.testing.assert_close(got.logits, expected.logits)
+    torch.testing.assert_close(got.loss, expected.loss)
+
+
+def test_image_groups_read_through_a_loader_s_decoding_transform(tmp_path, processor):
+    write_rrsisd(tmp_path)
+    train = load_referring_dataset("rrsisd", str(tmp_path))["train"]  # one ref with two sentences: one image
+    groups = ImageGroupedDataset(train)
+    assert len(train) == 2 and len(groups) == 1
+    assert groups[0]["expression"] == ["the vehicle on the left", "a small car"]
+    batch = CrobimUDataCollator(processor)([groups[0]])
+    assert batch["pixel_values"].shape[0] == 1 and batch["labels"].shape[0] == 2
+    assert batch["image_indices"].tolist() == [0, 0]
+    with pytest.raises(ValueError, match="needs an image_id column"):
+        ImageGroupedDataset(train.remove_columns("image_id"))
+
+
 def test_parameter_groups_give_encoders_their_learning_rate_and_spare_norms_biases_and_positions(
     tmp_path, processor, cache_dir
 ):
@@ -229,6 +275,35 @@ def test_global_step_reaches_the_model_in_training_only(tmp_path, processor, cac
     assert seen == [(False, None), (False, None)]
     assert {"eval_oIoU", "eval_mIoU", "eval_Pr@0.5", "eval_loss"} <= set(metrics)
     assert trainer.measured_metrics["eval"]["step"] == 3
+
+
+def test_group_by_image_trains_on_each_image_once_with_all_of_its_expressions(tmp_path, cache_dir, monkeypatch):
+    assert parse_arguments(["--output_dir", "x"])[1].group_by_image is False  # the default reads row by row
+    train_batches = []
+    collate = CrobimUDataCollator.__call__
+
+    def recording_collate(self, records):
+        batch = collate(self, records)
+        if "image_indices" in batch:  # the data check and evaluation read single rows
+            train_batches.append(batch)
+        return batch
+
+    monkeypatch.setattr(CrobimUDataCollator, "__call__", recording_collate)
+    output_dir = tmp_path / "grouped"
+    # 16 rows, two per scene: 8 images, 2 per step.
+    metrics = main(run_flags(
+        output_dir, cache_dir, "--synthetic_expressions_per_image", "2", "--group_by_image", "true",
+        "--per_device_train_batch_size", "2", "--max_steps", "4", "--save_strategy", "no",
+    ))
+    assert len(train_batches) == 4
+    for batch in train_batches:
+        assert batch["pixel_values"].shape[0] == 2 and batch["labels"].shape[0] == batch["input_ids"].shape[0] == 4
+        assert batch["image_indices"].tolist() == [0, 0, 1, 1]
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert np.isfinite(metrics["train_loss"]) and np.isfinite(metrics["eval_loss"])
+    assert "grouped by image: 8 images carry the 16 expressions" in (output_dir / "README.md").read_text()
 
 
 # ---- A training run: loss, checkpoints, best model, resume ----

@@ -112,6 +112,16 @@ class DataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N rows of each scored split."})
+    group_by_image: bool = field(
+        default=False,
+        metadata={
+            "help": "Train on images rather than rows: consecutive training rows with one image_id (RRSIS-D's "
+            "sentences of an object, synthetic scenes with --synthetic_expressions_per_image above 1) form one item, "
+            "whose image is processed and encoded once per step for all of its expressions (the model's "
+            "image_indices). --per_device_train_batch_size then counts images, each with all of its expressions. "
+            "Evaluation still reads one row at a time."
+        },
+    )
     synthetic_num_train: int = field(default=2000, metadata={"help": "Synthetic train rows."})
     synthetic_num_validation: int = field(default=200, metadata={"help": "Synthetic validation rows."})
     synthetic_num_test: int = field(default=200, metadata={"help": "Synthetic test rows."})

@@ -27,7 +27,7 @@ from ..metrics import format_metric_table
 from ..modeling_crobim_u import CrobimUForReferringSegmentation
 from ..processing_crobim_u import CrobimUProcessor
 from .arguments import CrobimUTrainingArguments, DataArguments, ModelArguments, parse_arguments
-from .collator import CrobimUDataCollator
+from .collator import CrobimUDataCollator, ImageGroupedDataset
 from .model_card import ModelCardInfo, hub_ids
 from .trainer import CrobimUTrainer
 
@@ -241,16 +241,22 @@ def train(
         dropped = drop_invalid_rows(scored, collator, data_args.data_dir or data_args.dataset_name,
                                     data_args.skip_invalid_rows)
     train_dataset, eval_dataset = scored.pop("train"), scored.get("eval")
+    num_train_rows = len(train_dataset)
+    extra = {f"invalid {prefix} rows skipped": count for prefix, count in dropped.items()}
+    if data_args.group_by_image:
+        train_dataset = ImageGroupedDataset(train_dataset)
+        extra["batches"] = f"grouped by image: {len(train_dataset)} images carry the {num_train_rows} expressions"
+        logger.info(f"Training on {num_train_rows} rows grouped into {len(train_dataset)} images (--group_by_image).")
     model = build_model(model_args, vocab_size=len(processor.tokenizer))
     info = ModelCardInfo(
         dataset=data_args.dataset_name,
         splits={key: value for key, value in splits.items() if value},
-        num_train_samples=len(train_dataset),
+        num_train_samples=num_train_rows,
         init=_describe_initialisation(model_args),
         base_models=hub_ids(model_args.model_name_or_path, model_args.backbone, model_args.text_encoder),
         image_size=processor.image_processor.size.height,
         max_length=processor.max_length,
-        extra={f"invalid {prefix} rows skipped": count for prefix, count in dropped.items()},
+        extra=extra,
     )
     trainer = CrobimUTrainer(
         model=model,
