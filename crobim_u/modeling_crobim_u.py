@@ -1360,45 +1360,17 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
         fine_logits = coarse_logits if self.udlr is None else self.udlr(pixel_embedding, coarse_logits, uncertainty)
         logits = F.interpolate(fine_logits, size=(height, width), mode="bilinear", align_corners=False)
 
-        loss = segmentation = coarse = uncertainty_loss = uncertainty_target = pointer_error = None
+        losses = {}
         if labels is not None:
-            config = self.config
-            segmentation = segmentation_loss(logits, labels, config.bce_weight, config.dice_weight)
-            loss = segmentation
-            # Without UDLR the coarse logits are the final ones.
-            coarse_full = logits
-            if self.udlr is not None:
-                coarse_full = F.interpolate(coarse_logits, size=(height, width), mode="bilinear", align_corners=False)
-                coarse = segmentation_loss(coarse_full, labels, config.bce_weight, config.dice_weight)
-                loss = loss + config.coarse_loss_weight * coarse
-            if uncertainty_logits is not None:
-                # "coarse": errors before UDLR, so that UDLR's corrections do not close its own mask.
-                target_logits = coarse_full if config.uncertainty_target_source == "coarse" else logits
-                uncertainty_target = error_consistency_target(
-                    target_logits, labels, tuple(uncertainty_logits.shape[-2:]), config.uncertainty_target,
-                    config.uncertainty_pooling,
-                )
-                uncertainty_loss = F.binary_cross_entropy_with_logits(
-                    uncertainty_logits.float(), uncertainty_target
-                )
-                loss = loss + config.uncertainty_loss_weight * self.uncertainty_warmup(global_step) * uncertainty_loss
-            if pointer_logits is not None:
-                pointer_error = pointer_loss(pointer_logits[:, -1], labels)
-                if reference_labels is not None and pointer_logits.shape[1] > 1:
-                    pointer_error = pointer_error + pointer_loss(pointer_logits[:, 0], reference_labels)
-                loss = loss + config.pointer_loss_weight * pointer_error
-
+            losses = self._compute_losses(
+                logits, coarse_logits, uncertainty_logits, pointer_logits, labels, reference_labels, global_step
+            )
         output = CrobimUSegmentationOutput(
-            loss=loss,
             logits=logits,
             coarse_logits=coarse_logits,
             uncertainty_logits=uncertainty_logits,
-            segmentation_loss=segmentation,
-            coarse_loss=coarse,
-            uncertainty_loss=uncertainty_loss,
-            uncertainty_target=uncertainty_target,
             pointer_logits=pointer_logits,
-            pointer_loss=pointer_error,
+            **losses,
         )
         return output if return_dict else output.to_tuple()
 
@@ -1408,6 +1380,55 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
         if global_step is None or warmup_steps == 0:
             return 1.0
         return min(1.0, (global_step + 1) / warmup_steps)
+
+    def _compute_losses(
+        self,
+        logits: torch.Tensor,
+        coarse_logits: torch.Tensor,
+        uncertainty_logits: torch.Tensor | None,
+        pointer_logits: torch.Tensor | None,
+        labels: torch.Tensor,
+        reference_labels: torch.Tensor | None,
+        global_step: int | None,
+    ) -> dict[str, torch.Tensor | None]:
+        """
+        The training loss and its terms, keyed by their fields in [`CrobimUSegmentationOutput`]: `loss`,
+        `segmentation_loss`, `coarse_loss`, `uncertainty_loss`, `uncertainty_target` and `pointer_loss` (`None` for
+        the terms of switched-off modules). `labels` and `reference_labels` are as `_check_labels` returns them.
+        """
+        config = self.config
+        height, width = logits.shape[-2:]
+        coarse = uncertainty_loss = uncertainty_target = pointer_error = None
+        segmentation = segmentation_loss(logits, labels, config.bce_weight, config.dice_weight)
+        loss = segmentation
+        # Without UDLR the coarse logits are the final ones.
+        coarse_full = logits
+        if self.udlr is not None:
+            coarse_full = F.interpolate(coarse_logits, size=(height, width), mode="bilinear", align_corners=False)
+            coarse = segmentation_loss(coarse_full, labels, config.bce_weight, config.dice_weight)
+            loss = loss + config.coarse_loss_weight * coarse
+        if uncertainty_logits is not None:
+            # "coarse": errors before UDLR, so that UDLR's corrections do not close its own mask.
+            target_logits = coarse_full if config.uncertainty_target_source == "coarse" else logits
+            uncertainty_target = error_consistency_target(
+                target_logits, labels, tuple(uncertainty_logits.shape[-2:]), config.uncertainty_target,
+                config.uncertainty_pooling,
+            )
+            uncertainty_loss = F.binary_cross_entropy_with_logits(uncertainty_logits.float(), uncertainty_target)
+            loss = loss + config.uncertainty_loss_weight * self.uncertainty_warmup(global_step) * uncertainty_loss
+        if pointer_logits is not None:
+            pointer_error = pointer_loss(pointer_logits[:, -1], labels)
+            if reference_labels is not None and pointer_logits.shape[1] > 1:
+                pointer_error = pointer_error + pointer_loss(pointer_logits[:, 0], reference_labels)
+            loss = loss + config.pointer_loss_weight * pointer_error
+        return {
+            "loss": loss,
+            "segmentation_loss": segmentation,
+            "coarse_loss": coarse,
+            "uncertainty_loss": uncertainty_loss,
+            "uncertainty_target": uncertainty_target,
+            "pointer_loss": pointer_error,
+        }
 
 
 __all__ = ["CrobimUPreTrainedModel", "CrobimUForReferringSegmentation", "CrobimUSegmentationOutput"]
