@@ -27,11 +27,14 @@ The model is built from random initialisation (nothing is downloaded), with SDPA
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -138,7 +141,7 @@ def time_case(function, steps: int, warmup: int, device: torch.device) -> dict:
             "peak_memory_gib": peak_memory_gib(device)}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="swin-base")
     parser.add_argument("--image-size", type=int, default=480)
@@ -152,22 +155,141 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny preset, tiny sizes, no file")
     parser.add_argument("--quick", action="store_true", help="same as --smoke")
     parser.add_argument("--output", help="JSON path (default benchmarks/results/gpu.json, GPU runs only)")
+    return parser
+
+
+def interrupt(signum: int, frame: Any, deadline_s: float) -> None:
+    """The SIGALRM handler: stops a case still running at the deadline."""
+    raise TimeoutError(f"still running at the {deadline_s:.0f} s deadline")
+
+
+def save(results: dict, on_gpu: bool, output: str | None) -> Path | None:
+    """(Re)writes the JSON: always on a GPU, on the CPU only to an explicit `--output`."""
+    if on_gpu or output:
+        return benchlib.write_results("gpu", results, output, quick=False)
+    return None
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def bf16_peaks(device: torch.device, device_name: str, on_gpu: bool) -> tuple[dict, float, float]:
+    """The card's bf16 rate from the table and measured: their record, the measured rate and the MFU reference."""
+    matmul_peak = measured_matmul_peak(device, 8192 if on_gpu else 256, 10 if on_gpu else 2)
+    peak = table_peak(device_name) if on_gpu else None
+    record = {
+        "table_tflops": None if peak is None else peak / 1e12,
+        "measured_matmul_tflops": round(matmul_peak / 1e12, 4),
+        "mfu_reference": "table" if peak is not None else "measured matmul",
+    }
+    print(f"bf16 peak: table {record['table_tflops']} TFLOP/s, measured mm "
+          f"{matmul_peak / 1e12:.1f} TFLOP/s", flush=True)
+    return record, matmul_peak, peak or matmul_peak
+
+
+def build_model(args: argparse.Namespace, device: torch.device) -> CrobimUForReferringSegmentation:
+    """The `--preset` model from random initialisation, with SDPA attention (a small vocabulary for `--smoke`)."""
+    overrides = {"text_config": {"vocab_size": 1000}} if args.smoke else {}
+    torch.manual_seed(0)
+    config = CrobimUConfig.from_preset(args.preset, **overrides)
+    config._attn_implementation = "sdpa"
+    return CrobimUForReferringSegmentation(config).to(device)
+
+
+def step_flops(model: CrobimUForReferringSegmentation, batch: dict, device: torch.device) -> dict[str, int]:
+    """FLOPs of one inference forward and of one training step, counted in eager mode."""
+    inference_inputs = {key: value for key, value in batch.items() if key != "labels"}
+    model.eval()
+    with torch.inference_mode(), autocast(device):
+        inference_flops, _ = benchlib.count_flops(lambda: model(**inference_inputs))
+    model.train()
+
+    def count_train():
+        with autocast(device):
+            loss = model(**batch).loss
+        loss.backward()
+
+    training_flops, _ = benchlib.count_flops(count_train)
+    model.zero_grad(set_to_none=True)
+    return {"inference_forward": inference_flops, "training_step": training_flops}
+
+
+def step_functions(
+    runner: Any, batch: dict, optimizer: torch.optim.Optimizer, device: torch.device
+) -> tuple[Callable[[], Any], Callable[[], None]]:
+    """One inference forward and one training step of `runner` (the model or its compiled form), bf16 autocast."""
+    inference_inputs = {key: value for key, value in batch.items() if key != "labels"}
+
+    def infer():
+        with torch.no_grad(), autocast(device):
+            return runner(**inference_inputs).logits
+
+    def train():
+        with autocast(device):
+            loss = runner(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return infer, train
+
+
+def run_case(
+    name: str,
+    function: Callable[[], Any],
+    flops: int,
+    peaks: tuple[float, float],
+    args: argparse.Namespace,
+    started: float,
+    device: torch.device,
+) -> dict:
+    """
+    Times one case unless the budget is spent, interrupting it at the deadline; returns its record: the figures
+    against `peaks` (the MFU reference and the measured matmul rate), or `skipped` or `error`.
+    """
+    if time.perf_counter() - started > args.budget_s:
+        print(f"{name}: skipped (budget)", flush=True)
+        return {"skipped": f"past the {args.budget_s:.0f} s budget"}
+    remaining = args.deadline_s - (time.perf_counter() - started)
+    signal.setitimer(signal.ITIMER_REAL, max(remaining, 1.0))
+    try:
+        case = time_case(function, args.steps, args.warmup, device)
+    except Exception as error:  # a failed or interrupted compile must not lose the eager figures
+        print(f"{name}: failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
+        return {"error": f"{type(error).__name__}: {error}"[:2000]}
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    reference_peak, matmul_peak = peaks
+    seconds = case["step_s"]["median"]
+    case["images_per_s"] = round(args.batch_size / seconds, 2)
+    case["achieved_tflops"] = round(flops / seconds / 1e12, 4)
+    case["mfu"] = round(flops / seconds / reference_peak, 4)
+    case["fraction_of_measured_matmul"] = round(flops / seconds / matmul_peak, 4)
+    print(f"{name}: {seconds * 1e3:.1f} ms/step, {case['images_per_s']:.1f} images/s, "
+          f"{case['achieved_tflops']:.1f} TFLOP/s, MFU {case['mfu']:.1%}, peak {case['peak_memory_gib']} GiB "
+          f"(warm-up {case['warmup_s']} s)", flush=True)
+    return case
+
+
+def compile_speedups(cases: dict) -> dict[str, float]:
+    """Eager over compiled median step time, per task where both ran."""
+    speedups = {}
+    for task in ("inference", "training"):
+        eager, compiled = cases.get(f"{task}/eager", {}), cases.get(f"{task}/compiled", {})
+        if "step_s" in eager and "step_s" in compiled:
+            speedups[task] = round(eager["step_s"]["median"] / compiled["step_s"]["median"], 3)
+    return speedups
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     args.smoke = args.smoke or args.quick
     started = time.perf_counter()
 
     on_gpu = torch.cuda.is_available() and not args.smoke
-
-    def save(results: dict) -> Path | None:
-        """(Re)writes the JSON: always on a GPU, on the CPU only to an explicit `--output`."""
-        if on_gpu or args.output:
-            return benchlib.write_results("gpu", results, args.output, quick=False)
-        return None
-
-    def interrupt(signum, frame):
-        raise TimeoutError(f"still running at the {args.deadline_s:.0f} s deadline")
-
-    signal.signal(signal.SIGALRM, interrupt)
+    signal.signal(signal.SIGALRM, functools.partial(interrupt, deadline_s=args.deadline_s))
     if not on_gpu and not args.smoke:
         sys.exit("No CUDA device: run on a GPU, or pass --smoke to check the script on the CPU.")
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -182,101 +304,33 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(device) if on_gpu else benchlib.cpu_model()
     results = {"environment": environment, "settings": vars(args), "device": device_name, "cases": {}}
     print(f"device: {device_name}, torch {torch.__version__}", flush=True)
+    results["bf16_peak"], matmul_peak, reference_peak = bf16_peaks(device, device_name, on_gpu)
 
-    matmul_peak = measured_matmul_peak(device, 8192 if on_gpu else 256, 10 if on_gpu else 2)
-    peak = table_peak(device_name) if on_gpu else None
-    results["bf16_peak"] = {
-        "table_tflops": None if peak is None else peak / 1e12,
-        "measured_matmul_tflops": round(matmul_peak / 1e12, 4),
-        "mfu_reference": "table" if peak is not None else "measured matmul",
-    }
-    reference_peak = peak or matmul_peak
-    print(f"bf16 peak: table {results['bf16_peak']['table_tflops']} TFLOP/s, measured mm "
-          f"{matmul_peak / 1e12:.1f} TFLOP/s", flush=True)
-
-    overrides = {"text_config": {"vocab_size": 1000}} if args.smoke else {}
-    torch.manual_seed(0)
-    config = CrobimUConfig.from_preset(args.preset, **overrides)
-    config._attn_implementation = "sdpa"
-    model = CrobimUForReferringSegmentation(config).to(device)
-    batch = make_batch(args.batch_size, args.image_size, config.text_config.vocab_size, device)
-    inference_inputs = {key: value for key, value in batch.items() if key != "labels"}
+    model = build_model(args, device)
+    batch = make_batch(args.batch_size, args.image_size, model.config.text_config.vocab_size, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-5, fused=on_gpu)
     results["parameters"] = benchlib.parameter_count(model)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-
-    # FLOPs of one forward and of one training step, counted in eager mode.
-    model.eval()
-    with torch.inference_mode(), autocast():
-        inference_flops, _ = benchlib.count_flops(lambda: model(**inference_inputs))
-    model.train()
-
-    def count_train():
-        with autocast():
-            loss = model(**batch).loss
-        loss.backward()
-
-    training_flops, _ = benchlib.count_flops(count_train)
-    model.zero_grad(set_to_none=True)
-    results["flops"] = {"inference_forward": inference_flops, "training_step": training_flops}
+    results["flops"] = step_flops(model, batch, device)
 
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
     for mode in modes:
         runner = model if mode == "eager" else torch.compile(model, backend=args.compile_backend)
-
-        def infer(runner=runner):
-            with torch.no_grad(), autocast():
-                return runner(**inference_inputs).logits
-
-        def train(runner=runner):
-            with autocast():
-                loss = runner(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        for task, function, flops, train_mode in (
-            ("inference", infer, inference_flops, False),
-            ("training", train, training_flops, True),
-        ):
+        infer, train = step_functions(runner, batch, optimizer, device)
+        for task, function, train_mode in (("inference", infer, False), ("training", train, True)):
             name = f"{task}/{mode}"
-            if time.perf_counter() - started > args.budget_s:
-                results["cases"][name] = {"skipped": f"past the {args.budget_s:.0f} s budget"}
-                print(f"{name}: skipped (budget)", flush=True)
-                continue
             model.train(train_mode)
-            remaining = args.deadline_s - (time.perf_counter() - started)
-            signal.setitimer(signal.ITIMER_REAL, max(remaining, 1.0))
-            try:
-                case = time_case(function, args.steps, args.warmup, device)
-            except Exception as error:  # a failed or interrupted compile must not lose the eager figures
-                results["cases"][name] = {"error": f"{type(error).__name__}: {error}"[:2000]}
-                print(f"{name}: failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
-                save(results)
-                continue
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-            seconds = case["step_s"]["median"]
-            case["images_per_s"] = round(args.batch_size / seconds, 2)
-            case["achieved_tflops"] = round(flops / seconds / 1e12, 4)
-            case["mfu"] = round(flops / seconds / reference_peak, 4)
-            case["fraction_of_measured_matmul"] = round(flops / seconds / matmul_peak, 4)
-            results["cases"][name] = case
-            save(results)
-            print(f"{name}: {seconds * 1e3:.1f} ms/step, {case['images_per_s']:.1f} images/s, "
-                  f"{case['achieved_tflops']:.1f} TFLOP/s, MFU {case['mfu']:.1%}, peak {case['peak_memory_gib']} GiB "
-                  f"(warm-up {case['warmup_s']} s)", flush=True)
-
-    for task in ("inference", "training"):
-        eager, compiled = results["cases"].get(f"{task}/eager", {}), results["cases"].get(f"{task}/compiled", {})
-        if "step_s" in eager and "step_s" in compiled:
-            results.setdefault("compile_speedup", {})[task] = round(
-                eager["step_s"]["median"] / compiled["step_s"]["median"], 3
+            flops = results["flops"]["inference_forward" if task == "inference" else "training_step"]
+            results["cases"][name] = run_case(
+                name, function, flops, (reference_peak, matmul_peak), args, started, device
             )
+            if "skipped" not in results["cases"][name]:
+                save(results, on_gpu, args.output)
+
+    speedups = compile_speedups(results["cases"])
+    if speedups:
+        results["compile_speedup"] = speedups
     results["total_s"] = round(time.perf_counter() - started, 1)
-    path = save(results)
+    path = save(results, on_gpu, args.output)
     if path is not None:
         print(f"wrote {path}")
     else:

@@ -31,7 +31,9 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -85,7 +87,7 @@ def build_clipseg(quick: bool):
     return CLIPSegForImageSegmentation(config).eval()
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["swin-base", "convnext-base"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
@@ -98,20 +100,11 @@ def main() -> None:
     parser.add_argument("--overrides", default="{}", help="config fields over every preset, as JSON")
     parser.add_argument("--quick", action="store_true", help="tiny preset, 64x64, two rounds: a smoke test")
     parser.add_argument("--output", help="JSON path (default benchmarks/results/inference_speed[-quick].json)")
-    args = parser.parse_args()
-    if args.quick:
-        args.presets, args.batch_sizes, args.image_size = ["tiny"], [1, 2], 64
-        args.repeats = args.batched_repeats = 2
-        # One thread: on a shared 2-core machine, two threads wait on each other for every small op.
-        args.threads = args.threads or 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(False)
+    return parser
 
-    results = {"environment": benchlib.environment(), "settings": vars(args), "models": {}, "batches": {}}
-    print(f"{results['environment']['cpu']}, {results['environment']['cores']} cores, "
-          f"{torch.get_num_threads()} threads, load {benchlib.load_average()}")
 
+def build_models(args: argparse.Namespace, results: dict) -> tuple[dict, Any]:
+    """The full model and its base per preset, and CLIPSeg (`None` with `--no-clipseg`); records their parameters."""
     models = {}
     for preset in args.presets:
         full, base = build_crobim(preset, args.quick, json.loads(args.overrides))
@@ -130,78 +123,118 @@ def main() -> None:
     if clipseg is not None:
         results["models"]["clipseg"] = {"parameters": {"clipseg": benchlib.parameter_count(clipseg)},
                                         "config": "CLIPSegConfig()" if not args.quick else "small"}
+    return models, clipseg
 
+
+def batch_cases(
+    batch_size: int, image_size: int, models: dict, clipseg: Any, matmul: Callable[[], Any]
+) -> dict[str, Callable[[], Any]]:
+    """The cases timed together at one batch size: the matmul reference, each preset's three, and CLIPSeg."""
+    pixel_values = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    cases = {"matmul": lambda: [matmul() for _ in range(MATMUL_CALLS)]}
+    for preset, (full, base) in models.items():
+        text = text_inputs(batch_size, full.config.text_config.vocab_size)
+        cases[f"{preset}/crobim-u"] = lambda full=full, text=text: full(pixel_values=pixel_values, **text)
+        cases[f"{preset}/encoders"] = lambda full=full, text=text: (
+            full.backbone(pixel_values), full.text_encoder(**text)
+        )
+        cases[f"{preset}/crobim"] = lambda base=base, text=text: base(pixel_values=pixel_values, **text)
+    if clipseg is not None:
+        clip_pixels = torch.randn(batch_size, 3, CLIPSEG_SIZE, CLIPSEG_SIZE, generator=torch.Generator().manual_seed(0))
+        clip_text = text_inputs(batch_size, clipseg.config.text_config.vocab_size)
+        cases["clipseg"] = lambda: clipseg(pixel_values=clip_pixels, **clip_text)
+    return cases
+
+
+def case_figures(
+    entry: dict, timings: dict, flops_of: dict[str, float], memory: dict[str, int], batch_size: int
+) -> None:
+    """Adds each case's latency, rates and memory to `entry["cases"]`, and the matmul rate to `entry`; prints them."""
+    matmul_rates = [flops_of["matmul"] / seconds for seconds in timings["matmul"]["wall"]]
+    entry["matmul_gflops"] = benchlib.summarize([rate / 1e9 for rate in matmul_rates], 1)
+    for name, timing in timings.items():
+        wall = timing["wall"]
+        case = entry["cases"][name]
+        case["latency_s"] = benchlib.summarize(wall)
+        case["cpu_s"] = benchlib.summarize(timing["cpu"])
+        case["load_average"] = [round(value, 2) for value in timing["load"]]
+        case["flops"] = int(flops_of[name])
+        case["gflops_per_s"] = benchlib.summarize([flops_of[name] / seconds / 1e9 for seconds in wall], 1)
+        if name != "matmul":
+            case["images_per_s"] = round(batch_size / statistics.median(wall), 3)
+            case["latency_per_image_s"] = round(statistics.median(wall) / batch_size, 4)
+            case["fraction_of_matmul_peak"] = benchlib.summarize(
+                [flops_of[name] / seconds / rate for seconds, rate in zip(wall, matmul_rates)], 3
+            )
+            case["peak_tensor_memory_mib"] = round(memory[name] / 2**20, 1)
+        print(f"  {name:28s} {statistics.median(wall):8.3f} s  {case['gflops_per_s']['median']:7.1f} GFLOP/s")
+
+
+def overhead_ratios(entry: dict, timings: dict, preset: str, with_clipseg: bool) -> dict:
+    """Per round: the full model over its encoders and over CroBIM, as overheads (ratio - 1), and over CLIPSeg."""
+    full, encoders, base = (timings[f"{preset}/{case}"]["wall"] for case in ("crobim-u", "encoders", "crobim"))
+    ratios = {
+        "fusion_decoder_uncertainty_over_encoders": benchlib.ratio(full, encoders),
+        "crobim_u_over_crobim": benchlib.ratio(full, base),
+    }
+    for summary in ratios.values():  # ratios as overheads: full / reference - 1
+        for key in ("median", "min", "max", "of_medians"):
+            summary[key] = round(summary[key] - 1, 4)
+        summary["samples"] = [round(sample - 1, 4) for sample in summary["samples"]]
+    if with_clipseg:
+        ours = [entry["cases"][f"{preset}/crobim-u"]["flops"] / seconds for seconds in full]
+        theirs = [entry["cases"]["clipseg"]["flops"] / seconds for seconds in timings["clipseg"]["wall"]]
+        ratios["gflops_per_s_over_clipseg"] = benchlib.ratio(ours, theirs)
+    print(f"  {preset}: overhead over encoders "
+          f"{ratios['fusion_decoder_uncertainty_over_encoders']['median']:+.1%}, over CroBIM "
+          f"{ratios['crobim_u_over_crobim']['median']:+.1%}")
+    return ratios
+
+
+def measure_batch(
+    batch_size: int, args: argparse.Namespace, models: dict, clipseg: Any, matmul: Callable[[], Any],
+    matmul_flops: float,
+) -> dict:
+    """Every case at one batch size: FLOPs and tensor memory (one untimed pass each), interleaved timings, ratios."""
+    cases = batch_cases(batch_size, args.image_size, models, clipseg, matmul)
+    flops_of = {"matmul": MATMUL_CALLS * matmul_flops}
+    entry = {"cases": {}}
+    with torch.inference_mode():
+        # One untimed pass per case counts its FLOPs, a second one its tensor memory (both also warm up).
+        memory = {}
+        for name, case in cases.items():
+            if name != "matmul":
+                flops_of[name], per_module = benchlib.count_flops(case)
+                memory[name] = benchlib.peak_tensor_bytes(case)
+                entry["cases"][name] = {"flops_per_module": per_module}
+            else:
+                entry["cases"][name] = {}
+        repeats = args.repeats if batch_size == 1 else args.batched_repeats
+        print(f"batch {batch_size}: {len(cases)} cases, {args.warmup} warm-up + {repeats} timed rounds")
+        timings = benchlib.time_interleaved(cases, repeats, args.warmup)
+    case_figures(entry, timings, flops_of, memory, batch_size)
+    entry["ratios"] = {preset: overhead_ratios(entry, timings, preset, clipseg is not None) for preset in models}
+    return entry
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    if args.quick:
+        args.presets, args.batch_sizes, args.image_size = ["tiny"], [1, 2], 64
+        args.repeats = args.batched_repeats = 2
+        # One thread: on a shared 2-core machine, two threads wait on each other for every small op.
+        args.threads = args.threads or 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(False)
+
+    results = {"environment": benchlib.environment(), "settings": vars(args), "models": {}, "batches": {}}
+    print(f"{results['environment']['cpu']}, {results['environment']['cores']} cores, "
+          f"{torch.get_num_threads()} threads, load {benchlib.load_average()}")
+    models, clipseg = build_models(args, results)
     matmul, matmul_flops = benchlib.matmul_case(256 if args.quick else 2048)
     for batch_size in args.batch_sizes:
-        pixel_values = torch.randn(batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
-        cases, flops_of, images = {"matmul": lambda: [matmul() for _ in range(MATMUL_CALLS)]}, {}, {}
-        flops_of["matmul"] = MATMUL_CALLS * matmul_flops
-        for preset, (full, base) in models.items():
-            text = text_inputs(batch_size, full.config.text_config.vocab_size)
-            cases[f"{preset}/crobim-u"] = lambda full=full, text=text: full(pixel_values=pixel_values, **text)
-            cases[f"{preset}/encoders"] = lambda full=full, text=text: (
-                full.backbone(pixel_values), full.text_encoder(**text)
-            )
-            cases[f"{preset}/crobim"] = lambda base=base, text=text: base(pixel_values=pixel_values, **text)
-        if clipseg is not None:
-            clip_pixels = torch.randn(batch_size, 3, CLIPSEG_SIZE, CLIPSEG_SIZE, generator=torch.Generator().manual_seed(0))
-            clip_text = text_inputs(batch_size, clipseg.config.text_config.vocab_size)
-            cases["clipseg"] = lambda: clipseg(pixel_values=clip_pixels, **clip_text)
-        for name in cases:
-            images[name] = batch_size if name != "matmul" else None
-
-        entry = {"cases": {}}
-        with torch.inference_mode():
-            # One untimed pass per case counts its FLOPs, a second one its tensor memory (both also warm up).
-            memory = {}
-            for name, case in cases.items():
-                if name != "matmul":
-                    flops_of[name], per_module = benchlib.count_flops(case)
-                    memory[name] = benchlib.peak_tensor_bytes(case)
-                    entry["cases"][name] = {"flops_per_module": per_module}
-                else:
-                    entry["cases"][name] = {}
-            repeats = args.repeats if batch_size == 1 else args.batched_repeats
-            print(f"batch {batch_size}: {len(cases)} cases, {args.warmup} warm-up + {repeats} timed rounds")
-            timings = benchlib.time_interleaved(cases, repeats, args.warmup)
-
-        matmul_rates = [flops_of["matmul"] / seconds for seconds in timings["matmul"]["wall"]]
-        entry["matmul_gflops"] = benchlib.summarize([rate / 1e9 for rate in matmul_rates], 1)
-        for name, timing in timings.items():
-            wall = timing["wall"]
-            case = entry["cases"][name]
-            case["latency_s"] = benchlib.summarize(wall)
-            case["cpu_s"] = benchlib.summarize(timing["cpu"])
-            case["load_average"] = [round(value, 2) for value in timing["load"]]
-            case["flops"] = int(flops_of[name])
-            case["gflops_per_s"] = benchlib.summarize([flops_of[name] / seconds / 1e9 for seconds in wall], 1)
-            if name != "matmul":
-                case["images_per_s"] = round(images[name] / statistics.median(wall), 3)
-                case["latency_per_image_s"] = round(statistics.median(wall) / images[name], 4)
-                case["fraction_of_matmul_peak"] = benchlib.summarize(
-                    [flops_of[name] / seconds / rate for seconds, rate in zip(wall, matmul_rates)], 3
-                )
-                case["peak_tensor_memory_mib"] = round(memory[name] / 2**20, 1)
-            print(f"  {name:28s} {statistics.median(wall):8.3f} s  {case['gflops_per_s']['median']:7.1f} GFLOP/s")
-        entry["ratios"] = {}
-        for preset in models:
-            full, encoders, base = (timings[f"{preset}/{case}"]["wall"] for case in ("crobim-u", "encoders", "crobim"))
-            entry["ratios"][preset] = {
-                "fusion_decoder_uncertainty_over_encoders": benchlib.ratio(full, encoders),
-                "crobim_u_over_crobim": benchlib.ratio(full, base),
-            }
-            for summary in entry["ratios"][preset].values():  # ratios as overheads: full / reference - 1
-                for key in ("median", "min", "max", "of_medians"):
-                    summary[key] = round(summary[key] - 1, 4)
-                summary["samples"] = [round(sample - 1, 4) for sample in summary["samples"]]
-            if clipseg is not None:
-                ours = [entry["cases"][f"{preset}/crobim-u"]["flops"] / seconds for seconds in full]
-                theirs = [entry["cases"]["clipseg"]["flops"] / seconds for seconds in timings["clipseg"]["wall"]]
-                entry["ratios"][preset]["gflops_per_s_over_clipseg"] = benchlib.ratio(ours, theirs)
-            print(f"  {preset}: overhead over encoders "
-                  f"{entry['ratios'][preset]['fusion_decoder_uncertainty_over_encoders']['median']:+.1%}, over CroBIM "
-                  f"{entry['ratios'][preset]['crobim_u_over_crobim']['median']:+.1%}")
-        results["batches"][str(batch_size)] = entry
+        results["batches"][str(batch_size)] = measure_batch(batch_size, args, models, clipseg, matmul, matmul_flops)
 
     path = benchlib.write_results("inference_speed", results, args.output, args.quick)
     print(f"wrote {path}")

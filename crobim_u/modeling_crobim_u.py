@@ -1118,6 +1118,10 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
             `dict[int, torch.Tensor]`: stride -> `(B_images, d_model, H/stride, W/stride)`.
         """
         self._check_pixel_values(pixel_values)
+        return self._encode_checked_image(pixel_values)
+
+    def _encode_checked_image(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
+        """`encode_image` without the check of `pixel_values`, for `forward`, which has checked them already."""
         feature_maps = self.backbone(pixel_values).feature_maps
         return {
             stride: self.visual_proj[str(stride)](feature_map)
@@ -1170,6 +1174,7 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
         return words, word_mask
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        """Raises a `ValueError` unless `pixel_values` is `(B, num_channels, H, W)` with `H` and `W` multiples of 32."""
         num_channels = getattr(self.config.backbone_config, "num_channels", 3)
         if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
             raise ValueError(
@@ -1182,6 +1187,96 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
                 f"pixel_values height and width must be multiples of 32 (the coarsest stride), got {height}x{width}; "
                 "the image processor resizes to 480x480 by default."
             )
+
+    def _check_labels(
+        self, labels: torch.Tensor, batch_size: int, height: int, width: int, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
+        """Checks `labels` (a `ValueError` if wrong); returns them as float `(B, 1, H, W)` on `pixel_values`' device."""
+        if labels.ndim == 4 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if labels.shape != (batch_size, height, width):
+            raise ValueError(
+                f"labels must have shape (batch_size, height, width) = ({batch_size}, {height}, {width}) to match "
+                f"input_ids and pixel_values, got {tuple(labels.shape)}."
+            )
+        if labels.device.type == "meta":
+            raise ValueError(
+                f"labels are on the meta device (no data); pass them on a real device, e.g. {pixel_values.device}."
+            )
+        if labels.is_complex():
+            raise ValueError(f"labels must be real binary masks in {{0, 1}}, got dtype {labels.dtype}.")
+        if labels.is_floating_point() and not bool(torch.isfinite(labels).all()):
+            raise ValueError("labels contain NaN or Inf; they must be binary masks in {0, 1}.")
+        labels = labels.to(device=pixel_values.device, dtype=torch.float32)
+        if bool(((labels != 0) & (labels != 1)).any()):
+            raise ValueError(
+                f"labels must be binary masks in {{0, 1}}, got values {labels.unique()[:8].tolist()}; "
+                "the image processor binarizes masks."
+            )
+        return labels.unsqueeze(1)
+
+    def _check_forward_inputs(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None,
+        text_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        text_hidden_states: torch.Tensor | None,
+        image_indices: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        reference_labels: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """
+        Checks `forward`'s inputs before any module runs, and raises a `ValueError` that names the first wrong one:
+        one text source, its batch size, `pixel_values`, the image count or `image_indices`, then the labels.
+
+        The shapes of `input_ids`, `text_hidden_states` and `attention_mask` are checked by `encode_text`, which
+        `forward` calls after encoding the images.
+
+        Returns:
+            `labels` and `reference_labels` (each `None` where not given) as float `(B, 1, H, W)` tensors on the
+            device of `pixel_values`.
+        """
+        text_sources = [name for name, value in (
+            ("input_ids", input_ids), ("text_embeddings", text_embeddings), ("text_hidden_states", text_hidden_states)
+        ) if value is not None]
+        if len(text_sources) != 1:
+            raise ValueError(
+                "Pass exactly one of input_ids, text_embeddings and text_hidden_states, got "
+                f"{', '.join(text_sources) or 'none'}."
+            )
+        if text_embeddings is not None:
+            words, word_mask = text_embeddings
+            if words.ndim != 3 or words.shape[-1] != self.config.d_model or word_mask.shape != words.shape[:2]:
+                raise ValueError(
+                    f"text_embeddings must be words (batch_size, sequence_length, {self.config.d_model}) and a mask "
+                    f"(batch_size, sequence_length), got {tuple(words.shape)} and {tuple(word_mask.shape)}."
+                )
+            check_attended(word_mask)
+            batch_size = words.shape[0]
+        else:
+            batch_size = (input_ids if input_ids is not None else text_hidden_states).shape[0]
+        self._check_pixel_values(pixel_values)
+        if image_indices is None and pixel_values.shape[0] != batch_size:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[0]} images for {batch_size} expressions; pass "
+                "image_indices to pair several expressions with one image."
+            )
+        if image_indices is not None:
+            if image_indices.shape != (batch_size,):
+                raise ValueError(
+                    f"image_indices must have shape ({batch_size},), one image index per expression, "
+                    f"got {tuple(image_indices.shape)}."
+                )
+            if batch_size and (image_indices.min() < 0 or image_indices.max() >= pixel_values.shape[0]):
+                raise ValueError(f"image_indices must lie in [0, {pixel_values.shape[0] - 1}], got {image_indices.tolist()}.")
+        height, width = pixel_values.shape[-2:]
+        if labels is not None:
+            labels = self._check_labels(labels, batch_size, height, width, pixel_values)
+        if reference_labels is not None:
+            if labels is None:
+                raise ValueError("reference_labels are a training target: pass labels too.")
+            reference_labels = self._check_labels(reference_labels, batch_size, height, width, pixel_values)
+        return labels, reference_labels
 
     def forward(
         self,
@@ -1230,53 +1325,19 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
                 `None` applies the full weight.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        text_sources = [name for name, value in (
-            ("input_ids", input_ids), ("text_embeddings", text_embeddings), ("text_hidden_states", text_hidden_states)
-        ) if value is not None]
-        if len(text_sources) != 1:
-            raise ValueError(
-                "Pass exactly one of input_ids, text_embeddings and text_hidden_states, got "
-                f"{', '.join(text_sources) or 'none'}."
-            )
-        if text_embeddings is not None:
-            words, word_mask = text_embeddings
-            if words.ndim != 3 or words.shape[-1] != self.config.d_model or word_mask.shape != words.shape[:2]:
-                raise ValueError(
-                    f"text_embeddings must be words (batch_size, sequence_length, {self.config.d_model}) and a mask "
-                    f"(batch_size, sequence_length), got {tuple(words.shape)} and {tuple(word_mask.shape)}."
-                )
-            check_attended(word_mask)
-            batch_size = words.shape[0]
-        else:
-            batch_size = (input_ids if input_ids is not None else text_hidden_states).shape[0]
-        self._check_pixel_values(pixel_values)
-        if image_indices is None and pixel_values.shape[0] != batch_size:
-            raise ValueError(
-                f"pixel_values has {pixel_values.shape[0]} images for {batch_size} expressions; pass "
-                "image_indices to pair several expressions with one image."
-            )
-        if image_indices is not None:
-            if image_indices.shape != (batch_size,):
-                raise ValueError(
-                    f"image_indices must have shape ({batch_size},), one image index per expression, "
-                    f"got {tuple(image_indices.shape)}."
-                )
-            if batch_size and (image_indices.min() < 0 or image_indices.max() >= pixel_values.shape[0]):
-                raise ValueError(f"image_indices must lie in [0, {pixel_values.shape[0] - 1}], got {image_indices.tolist()}.")
+        labels, reference_labels = self._check_forward_inputs(
+            pixel_values, input_ids, text_embeddings, text_hidden_states, image_indices, labels, reference_labels
+        )
         height, width = pixel_values.shape[-2:]
-        if labels is not None:
-            labels = self._check_labels(labels, batch_size, height, width, pixel_values)
-        if reference_labels is not None:
-            if labels is None:
-                raise ValueError("reference_labels are a training target: pass labels too.")
-            reference_labels = self._check_labels(reference_labels, batch_size, height, width, pixel_values)
 
         # Everything that depends on the image alone runs once per image; expressions pick their image's results.
-        visual_maps = self.encode_image(pixel_values)
+        visual_maps = self._encode_checked_image(pixel_values)
         image_context = self.capm.image_context(visual_maps)
         pixel_sides = self.lgfa.pixel_sides(visual_maps)
         if text_embeddings is None:
             words, word_mask = self.encode_text(input_ids, attention_mask, token_type_ids, text_hidden_states)
+        else:
+            words, word_mask = text_embeddings
 
         language, language_mask = self.capm(words, word_mask, image_context, image_indices)
         sentence = masked_mean(language, language_mask)
@@ -1299,45 +1360,17 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
         fine_logits = coarse_logits if self.udlr is None else self.udlr(pixel_embedding, coarse_logits, uncertainty)
         logits = F.interpolate(fine_logits, size=(height, width), mode="bilinear", align_corners=False)
 
-        loss = segmentation = coarse = uncertainty_loss = uncertainty_target = pointer_error = None
+        losses = {}
         if labels is not None:
-            config = self.config
-            segmentation = segmentation_loss(logits, labels, config.bce_weight, config.dice_weight)
-            loss = segmentation
-            # Without UDLR the coarse logits are the final ones.
-            coarse_full = logits
-            if self.udlr is not None:
-                coarse_full = F.interpolate(coarse_logits, size=(height, width), mode="bilinear", align_corners=False)
-                coarse = segmentation_loss(coarse_full, labels, config.bce_weight, config.dice_weight)
-                loss = loss + config.coarse_loss_weight * coarse
-            if uncertainty_logits is not None:
-                # "coarse": errors before UDLR, so that UDLR's corrections do not close its own mask.
-                target_logits = coarse_full if config.uncertainty_target_source == "coarse" else logits
-                uncertainty_target = error_consistency_target(
-                    target_logits, labels, tuple(uncertainty_logits.shape[-2:]), config.uncertainty_target,
-                    config.uncertainty_pooling,
-                )
-                uncertainty_loss = F.binary_cross_entropy_with_logits(
-                    uncertainty_logits.float(), uncertainty_target
-                )
-                loss = loss + config.uncertainty_loss_weight * self.uncertainty_warmup(global_step) * uncertainty_loss
-            if pointer_logits is not None:
-                pointer_error = pointer_loss(pointer_logits[:, -1], labels)
-                if reference_labels is not None and pointer_logits.shape[1] > 1:
-                    pointer_error = pointer_error + pointer_loss(pointer_logits[:, 0], reference_labels)
-                loss = loss + config.pointer_loss_weight * pointer_error
-
+            losses = self._compute_losses(
+                logits, coarse_logits, uncertainty_logits, pointer_logits, labels, reference_labels, global_step
+            )
         output = CrobimUSegmentationOutput(
-            loss=loss,
             logits=logits,
             coarse_logits=coarse_logits,
             uncertainty_logits=uncertainty_logits,
-            segmentation_loss=segmentation,
-            coarse_loss=coarse,
-            uncertainty_loss=uncertainty_loss,
-            uncertainty_target=uncertainty_target,
             pointer_logits=pointer_logits,
-            pointer_loss=pointer_error,
+            **losses,
         )
         return output if return_dict else output.to_tuple()
 
@@ -1348,32 +1381,54 @@ class CrobimUForReferringSegmentation(CrobimUPreTrainedModel):
             return 1.0
         return min(1.0, (global_step + 1) / warmup_steps)
 
-    def _check_labels(
-        self, labels: torch.Tensor, batch_size: int, height: int, width: int, pixel_values: torch.Tensor
-    ) -> torch.Tensor:
-        """Returns `labels` as a float `(B, 1, H, W)` tensor on the model's device, or raises a `ValueError`."""
-        if labels.ndim == 4 and labels.shape[1] == 1:
-            labels = labels[:, 0]
-        if labels.shape != (batch_size, height, width):
-            raise ValueError(
-                f"labels must have shape (batch_size, height, width) = ({batch_size}, {height}, {width}) to match "
-                f"input_ids and pixel_values, got {tuple(labels.shape)}."
+    def _compute_losses(
+        self,
+        logits: torch.Tensor,
+        coarse_logits: torch.Tensor,
+        uncertainty_logits: torch.Tensor | None,
+        pointer_logits: torch.Tensor | None,
+        labels: torch.Tensor,
+        reference_labels: torch.Tensor | None,
+        global_step: int | None,
+    ) -> dict[str, torch.Tensor | None]:
+        """
+        The training loss and its terms, keyed by their fields in [`CrobimUSegmentationOutput`]: `loss`,
+        `segmentation_loss`, `coarse_loss`, `uncertainty_loss`, `uncertainty_target` and `pointer_loss` (`None` for
+        the terms of switched-off modules). `labels` and `reference_labels` are as `_check_labels` returns them.
+        """
+        config = self.config
+        height, width = logits.shape[-2:]
+        coarse = uncertainty_loss = uncertainty_target = pointer_error = None
+        segmentation = segmentation_loss(logits, labels, config.bce_weight, config.dice_weight)
+        loss = segmentation
+        # Without UDLR the coarse logits are the final ones.
+        coarse_full = logits
+        if self.udlr is not None:
+            coarse_full = F.interpolate(coarse_logits, size=(height, width), mode="bilinear", align_corners=False)
+            coarse = segmentation_loss(coarse_full, labels, config.bce_weight, config.dice_weight)
+            loss = loss + config.coarse_loss_weight * coarse
+        if uncertainty_logits is not None:
+            # "coarse": errors before UDLR, so that UDLR's corrections do not close its own mask.
+            target_logits = coarse_full if config.uncertainty_target_source == "coarse" else logits
+            uncertainty_target = error_consistency_target(
+                target_logits, labels, tuple(uncertainty_logits.shape[-2:]), config.uncertainty_target,
+                config.uncertainty_pooling,
             )
-        if labels.device.type == "meta":
-            raise ValueError(
-                f"labels are on the meta device (no data); pass them on a real device, e.g. {pixel_values.device}."
-            )
-        if labels.is_complex():
-            raise ValueError(f"labels must be real binary masks in {{0, 1}}, got dtype {labels.dtype}.")
-        if labels.is_floating_point() and not bool(torch.isfinite(labels).all()):
-            raise ValueError("labels contain NaN or Inf; they must be binary masks in {0, 1}.")
-        labels = labels.to(device=pixel_values.device, dtype=torch.float32)
-        if bool(((labels != 0) & (labels != 1)).any()):
-            raise ValueError(
-                f"labels must be binary masks in {{0, 1}}, got values {labels.unique()[:8].tolist()}; "
-                "the image processor binarizes masks."
-            )
-        return labels.unsqueeze(1)
+            uncertainty_loss = F.binary_cross_entropy_with_logits(uncertainty_logits.float(), uncertainty_target)
+            loss = loss + config.uncertainty_loss_weight * self.uncertainty_warmup(global_step) * uncertainty_loss
+        if pointer_logits is not None:
+            pointer_error = pointer_loss(pointer_logits[:, -1], labels)
+            if reference_labels is not None and pointer_logits.shape[1] > 1:
+                pointer_error = pointer_error + pointer_loss(pointer_logits[:, 0], reference_labels)
+            loss = loss + config.pointer_loss_weight * pointer_error
+        return {
+            "loss": loss,
+            "segmentation_loss": segmentation,
+            "coarse_loss": coarse,
+            "uncertainty_loss": uncertainty_loss,
+            "uncertainty_target": uncertainty_target,
+            "pointer_loss": pointer_error,
+        }
 
 
 __all__ = ["CrobimUPreTrainedModel", "CrobimUForReferringSegmentation", "CrobimUSegmentationOutput"]

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from datasets import DatasetDict
@@ -61,27 +61,49 @@ def load_rrsisd(
     Returns:
         `datasets.DatasetDict`: one dataset per split, one row per sentence.
     """
+    refs_path, instances_path, image_dir = _rrsisd_paths(root, split_by)
+    requested_splits = None if splits is None else {canonical_split_name(split) for split in splits}
+    refs = _read_refs(refs_path)
+    invalid_items = InvalidItems(skip_invalid)
+    instances = _Instances(instances_path, image_dir, invalid_items)
+    rows_by_split = _rows_by_split(refs, refs_path, requested_splits, instances, invalid_items)
+    invalid_items.log_summary(logger, root)
+    return build_dataset_dict(rows_by_split, requested_splits, refs_path)
+
+
+def _rrsisd_paths(root: str, split_by: str) -> tuple[str, str, str]:
+    """The refs pickle, `instances.json` and the image folder under `root`; the two files must exist."""
     refs_path = os.path.join(root, "rrsisd", f"refs({split_by}).p")
     instances_path = os.path.join(root, "rrsisd", "instances.json")
     image_dir = os.path.join(root, "images", "rrsisd", "JPEGImages")
     for path in (refs_path, instances_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"RRSIS-D file {path} does not exist")
-    requested_splits = None if splits is None else {canonical_split_name(split) for split in splits}
+    return refs_path, instances_path, image_dir
 
+
+def _read_refs(refs_path: str) -> list:
+    """The refs pickle's list, read with an unpickler that refuses every global; its entries are checked later."""
     refs = load_pickle_safely(refs_path)
     if not isinstance(refs, list):
         raise DatasetFormatError(refs_path, "top level", "a list of refs", type(refs).__name__)
-    instances = _read_json(instances_path)
-    invalid_items = InvalidItems(skip_invalid)
-    images = _CocoIndex(instances, "images", _IMAGE_FIELDS, instances_path, invalid_items)
-    annotations = _CocoIndex(instances, "annotations", _ANNOTATION_FIELDS, instances_path, invalid_items)
-    categories = _CocoIndex(instances, "categories", _CATEGORY_FIELDS, instances_path, invalid_items)
+    return refs
 
-    is_file = functools.cache(os.path.isfile)  # many refs share one image
+
+def _rows_by_split(
+    refs: list,
+    refs_path: str,
+    requested_splits: set[str] | None,
+    instances: "_Instances",
+    invalid_items: InvalidItems,
+) -> dict[str, list[dict]]:
+    """
+    One storage row per sentence of each ref in `requested_splits` (every split for `None`), by split. A malformed
+    ref, a repeated ref id, a ref whose annotation, image, category or image file is wrong, and a malformed sentence
+    go to `invalid_items` (raised, or skipped with `skip_invalid`).
+    """
     rows_by_split: dict[str, list[dict]] = {}
     seen_ref_ids: dict[int, int] = {}
-    checked_segmentations: dict[int, str] = {}  # ann_id -> stored JSON; refs may share an annotation
     for index, ref in enumerate(refs):
         where = f"refs[{index}]"
         problem = _field_problem(ref, _REF_FIELDS)
@@ -101,47 +123,89 @@ def load_rrsisd(
             )
             continue
         seen_ref_ids[ref["ref_id"]] = index
-
         try:
-            annotation_index, annotation = annotations.lookup(ref["ann_id"], refs_path, f"{where}.ann_id")
-            image_index, image = images.lookup(ref["image_id"], refs_path, f"{where}.image_id")
-            _, category = categories.lookup(ref["category_id"], refs_path, f"{where}.category_id")
-            if annotation["image_id"] != ref["image_id"]:
-                raise DatasetFormatError(
-                    refs_path, f"{where}.image_id",
-                    f"image {annotation['image_id']} (the image of annotation {ref['ann_id']})", str(ref["image_id"]),
-                )
-            image_path = os.path.join(image_dir, image["file_name"])
-            if not is_file(image_path):
-                raise MissingDataFileError(image_path, "image", f"{instances_path}, images[{image_index}].file_name")
-            if ref["ann_id"] not in checked_segmentations:
-                checked_segmentations[ref["ann_id"]] = _stored_segmentation(
-                    annotation, image, instances_path, f"annotations[{annotation_index}].segmentation"
-                )
+            target = instances.target_of(ref, refs_path, where)
         except (DatasetFormatError, MissingDataFileError) as error:
             invalid_items.handle(error)
             continue
-
         rows = rows_by_split.setdefault(split, [])
-        for sentence_index, sentence in enumerate(ref["sentences"]):
-            expression = sentence.get("sent") if isinstance(sentence, dict) else None
-            if not isinstance(expression, str) or not expression.strip():
-                invalid_items.handle(
-                    DatasetFormatError(
-                        refs_path, f"{where}.sentences[{sentence_index}].sent", "a non-empty string",
-                        _short_repr(expression),
-                    )
-                )
-                continue
-            rows.append(
-                storage_row(
-                    image_path, expression.strip(), str(image["id"]), split, category=category["name"],
-                    mask_segmentation=checked_segmentations[ref["ann_id"]],
+        rows.extend(_sentence_rows(ref, split, target, refs_path, where, invalid_items))
+    return rows_by_split
+
+
+def _sentence_rows(
+    ref: dict, split: str, target: "_RefTarget", refs_path: str, where: str, invalid_items: InvalidItems
+) -> list[dict]:
+    """The storage rows of a ref's sentences (its `sent`, stripped); an empty or missing one is an invalid item."""
+    rows = []
+    for sentence_index, sentence in enumerate(ref["sentences"]):
+        expression = sentence.get("sent") if isinstance(sentence, dict) else None
+        if not isinstance(expression, str) or not expression.strip():
+            invalid_items.handle(
+                DatasetFormatError(
+                    refs_path, f"{where}.sentences[{sentence_index}].sent", "a non-empty string",
+                    _short_repr(expression),
                 )
             )
-    invalid_items.log_summary(logger, root)
-    return build_dataset_dict(rows_by_split, requested_splits, refs_path)
+            continue
+        rows.append(
+            storage_row(
+                target.image_path, expression.strip(), target.image_id, split, category=target.category,
+                mask_segmentation=target.segmentation,
+            )
+        )
+    return rows
 
+
+class _RefTarget(NamedTuple):
+    """What a ref points at, checked: its image file, COCO image id, category name and stored segmentation."""
+
+    image_path: str
+    image_id: str
+    category: str
+    segmentation: str
+
+
+class _Instances:
+    """
+    `instances.json` indexed by id (`images`, `annotations`, `categories`), and the checks of what a ref points at.
+
+    Malformed and duplicated entries go to `invalid_items` while indexing. Image files are looked up once per file
+    and segmentations checked once per annotation: many refs share them.
+    """
+
+    def __init__(self, instances_path: str, image_dir: str, invalid_items: InvalidItems):
+        self.path = instances_path
+        self.image_dir = image_dir
+        instances = _read_json(instances_path)
+        self.images = _CocoIndex(instances, "images", _IMAGE_FIELDS, instances_path, invalid_items)
+        self.annotations = _CocoIndex(instances, "annotations", _ANNOTATION_FIELDS, instances_path, invalid_items)
+        self.categories = _CocoIndex(instances, "categories", _CATEGORY_FIELDS, instances_path, invalid_items)
+        self.is_file = functools.cache(os.path.isfile)
+        self.checked_segmentations: dict[int, str] = {}  # ann_id -> stored JSON
+
+    def target_of(self, ref: dict, refs_path: str, where: str) -> _RefTarget:
+        """
+        The annotation, image and category of `ref` (at `where` in `refs_path`); raises a `DatasetFormatError` for
+        an unknown id, an annotation of another image or a malformed segmentation, a `MissingDataFileError` for a
+        missing image file.
+        """
+        annotation_index, annotation = self.annotations.lookup(ref["ann_id"], refs_path, f"{where}.ann_id")
+        image_index, image = self.images.lookup(ref["image_id"], refs_path, f"{where}.image_id")
+        _, category = self.categories.lookup(ref["category_id"], refs_path, f"{where}.category_id")
+        if annotation["image_id"] != ref["image_id"]:
+            raise DatasetFormatError(
+                refs_path, f"{where}.image_id",
+                f"image {annotation['image_id']} (the image of annotation {ref['ann_id']})", str(ref["image_id"]),
+            )
+        image_path = os.path.join(self.image_dir, image["file_name"])
+        if not self.is_file(image_path):
+            raise MissingDataFileError(image_path, "image", f"{self.path}, images[{image_index}].file_name")
+        if ref["ann_id"] not in self.checked_segmentations:
+            self.checked_segmentations[ref["ann_id"]] = _stored_segmentation(
+                annotation, image, self.path, f"annotations[{annotation_index}].segmentation"
+            )
+        return _RefTarget(image_path, str(image["id"]), category["name"], self.checked_segmentations[ref["ann_id"]])
 
 class _CocoIndex:
     """The entries of one `instances.json` list (`images`, `annotations`, `categories`) by id.

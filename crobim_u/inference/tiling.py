@@ -372,41 +372,9 @@ def predict_scene(
     check_tiling_options(window=window)
     window = (min(window[0], height), min(window[1], width))
 
-    device, dtype = _model_device_dtype(model)
-    text = {key: value.to(device) for key, value in processor(text=expressions).items()}
+    runner = _WindowRunner(model, processor, scene, expressions, model_size)
     with torch.inference_mode():
-        # Every window reads the same expressions: encode them once.
-        words, word_mask = model.encode_text(**text)
-
-    def run(boxes: list[tuple[int, int, int, int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, E, h, w) logits and (B, E, h/32, w/32) uncertainty logits of windows `boxes`, on the CPU."""
-        images = [
-            scene.read(row, col, box_height, box_width, None if (box_height, box_width) == model_size else model_size)
-            for row, col, box_height, box_width in boxes
-        ]
-        pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        num_windows, num_expressions = len(boxes), len(expressions)
-        outputs = model(
-            pixel_values=pixel_values.to(device=device, dtype=dtype),
-            text_embeddings=(words.repeat(num_windows, 1, 1), word_mask.repeat(num_windows, 1)),
-            image_indices=torch.arange(num_windows, device=device).repeat_interleave(num_expressions),
-        )
-        logits = outputs.logits.float().cpu()
-        logits = logits.view(num_windows, num_expressions, *logits.shape[-2:])
-        uncertainty = outputs.uncertainty_logits
-        if uncertainty is not None:
-            uncertainty = uncertainty.float().cpu()
-            uncertainty = uncertainty.view(num_windows, num_expressions, *uncertainty.shape[-2:])
-        return logits, uncertainty
-
-    with torch.inference_mode():
-        coarse = None
-        if mode != "tiled":
-            logits, uncertainty = run([(0, 0, height, width)])
-            positive = logits[0] > _logit(threshold)
-            gate = F.max_pool2d(positive[None].float(), 2 * REFINE_MARGIN + 1, stride=1, padding=REFINE_MARGIN)[0] > 0
-            coarse = _Coarse(logits[0], None if uncertainty is None else uncertainty[0], gate.bool())
-
+        coarse = None if mode == "tiled" else _coarse_pass(runner, height, width, threshold)
         accumulator = None
         num_windows = 1 if coarse is not None else 0
         if mode != "resize":
@@ -414,29 +382,8 @@ def predict_scene(
             if coarse is not None:
                 boxes = [box for box in boxes if _touches(box, coarse.gate, height, width)]
             accumulator = _SceneAccumulator(len(expressions), height, width, uncertainty_stride)
-            ramps = tuple(max(1, side - max(1, round(side * (1 - overlap)))) for side in window)
-            profiles: dict[tuple[int, int, int], np.ndarray] = {}
-
-            def profile(start: int, side: int, length: int, ramp: int) -> np.ndarray:
-                key = (start, side, length)
-                if key not in profiles:
-                    profiles[key] = window_weights(start, side, length, ramp)
-                return profiles[key]
-
-            bar = tqdm(total=len(boxes), desc="windows", unit="window", disable=not progress, leave=False)
-            for first in range(0, len(boxes), batch_size):
-                batch = boxes[first : first + batch_size]
-                logits, uncertainty = run(batch)
-                for index, box in enumerate(batch):
-                    accumulator.add(
-                        box,
-                        profile(box[0], box[2], height, ramps[0]),
-                        profile(box[1], box[3], width, ramps[1]),
-                        logits[index],
-                        None if uncertainty is None else uncertainty[index],
-                    )
-                bar.update(len(batch))
-            bar.close()
+            profiles = _WindowProfiles(window, overlap, height, width)
+            _blend_windows(runner, boxes, accumulator, profiles, batch_size, progress)
             num_windows += len(boxes)
 
     results = _finalize(accumulator, coarse, expressions, height, width, threshold, mode, num_windows)
@@ -462,6 +409,104 @@ def _touches(box: tuple[int, int, int, int], gate: torch.Tensor, height: int, wi
     top, bottom = row * grid_height // height, math.ceil((row + box_height) * grid_height / height)
     left, right = col * grid_width // width, math.ceil((col + box_width) * grid_width / width)
     return bool(gate[:, top:bottom, left:right].any())
+
+
+class _WindowRunner:
+    """
+    Runs the model on windows of one scene for all its expressions at once. The expressions are tokenized and
+    encoded once, here, and every window reuses them; each window's image features serve all expressions.
+    """
+
+    def __init__(
+        self, model: Any, processor: Any, scene: SceneReader, expressions: list[str], model_size: tuple[int, int]
+    ):
+        self.model, self.processor, self.scene, self.model_size = model, processor, scene, model_size
+        self.num_expressions = len(expressions)
+        self.device, self.dtype = _model_device_dtype(model)
+        text = {key: value.to(self.device) for key, value in processor(text=expressions).items()}
+        with torch.inference_mode():
+            self.words, self.word_mask = model.encode_text(**text)
+
+    def __call__(self, boxes: list[tuple[int, int, int, int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, E, h, w) logits and (B, E, h/32, w/32) uncertainty logits of windows `boxes`, on the CPU."""
+        model_size = self.model_size
+        images = [
+            self.scene.read(
+                row, col, box_height, box_width, None if (box_height, box_width) == model_size else model_size
+            )
+            for row, col, box_height, box_width in boxes
+        ]
+        pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        num_windows, num_expressions = len(boxes), self.num_expressions
+        outputs = self.model(
+            pixel_values=pixel_values.to(device=self.device, dtype=self.dtype),
+            text_embeddings=(self.words.repeat(num_windows, 1, 1), self.word_mask.repeat(num_windows, 1)),
+            image_indices=torch.arange(num_windows, device=self.device).repeat_interleave(num_expressions),
+        )
+        logits = outputs.logits.float().cpu()
+        logits = logits.view(num_windows, num_expressions, *logits.shape[-2:])
+        uncertainty = outputs.uncertainty_logits
+        if uncertainty is not None:
+            uncertainty = uncertainty.float().cpu()
+            uncertainty = uncertainty.view(num_windows, num_expressions, *uncertainty.shape[-2:])
+        return logits, uncertainty
+
+
+class _WindowProfiles:
+    """The 1-D blending weights ([`window_weights`]) of a scene's windows, computed once per position and side."""
+
+    def __init__(self, window: tuple[int, int], overlap: float, height: int, width: int):
+        # Each side fades over the pixels it shares with its neighbour (at least one).
+        self.ramps = tuple(max(1, side - max(1, round(side * (1 - overlap)))) for side in window)
+        self.height, self.width = height, width
+        self._profiles: dict[tuple[int, int, int], np.ndarray] = {}
+
+    def _profile(self, start: int, side: int, length: int, ramp: int) -> np.ndarray:
+        key = (start, side, length)
+        if key not in self._profiles:
+            self._profiles[key] = window_weights(start, side, length, ramp)
+        return self._profiles[key]
+
+    def of(self, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """The row and column weights of the window `box` (row, col, h, w)."""
+        row, col, box_height, box_width = box
+        return (
+            self._profile(row, box_height, self.height, self.ramps[0]),
+            self._profile(col, box_width, self.width, self.ramps[1]),
+        )
+
+
+def _coarse_pass(runner: _WindowRunner, height: int, width: int, threshold: float) -> _Coarse:
+    """
+    Segments the whole scene at the model input size; its mask, dilated by `REFINE_MARGIN` coarse pixels, is the
+    gate inside which refined windows may replace the coarse logits.
+    """
+    logits, uncertainty = runner([(0, 0, height, width)])
+    positive = logits[0] > _logit(threshold)
+    gate = F.max_pool2d(positive[None].float(), 2 * REFINE_MARGIN + 1, stride=1, padding=REFINE_MARGIN)[0] > 0
+    return _Coarse(logits[0], None if uncertainty is None else uncertainty[0], gate.bool())
+
+
+def _blend_windows(
+    runner: _WindowRunner,
+    boxes: list[tuple[int, int, int, int]],
+    accumulator: _SceneAccumulator,
+    profiles: _WindowProfiles,
+    batch_size: int,
+    progress: bool,
+) -> None:
+    """Runs the windows `boxes`, `batch_size` at a time, and adds each one's weighted logits to `accumulator`."""
+    bar = tqdm(total=len(boxes), desc="windows", unit="window", disable=not progress, leave=False)
+    for first in range(0, len(boxes), batch_size):
+        batch = boxes[first : first + batch_size]
+        logits, uncertainty = runner(batch)
+        for index, box in enumerate(batch):
+            row_weights, col_weights = profiles.of(box)
+            accumulator.add(
+                box, row_weights, col_weights, logits[index], None if uncertainty is None else uncertainty[index]
+            )
+        bar.update(len(batch))
+    bar.close()
 
 
 def _uncertainty_grid(
