@@ -88,3 +88,15 @@ def test_the_argparse_defaults_read_the_shared_constants():
     )
     assert predict.stretch == DEFAULT_PERCENTILES
     assert build_parser().parse_args(EVALUATE).batch_size == DEFAULT_BATCH_SIZE
+
+
+def test_train_help_shows_underscore_spellings_only_and_dash_twins_still_parse(tmp_path):
+    # HfArgumentParser accepts `--max-steps` beside `--max_steps`; help lists the underscore spelling alone.
+    from crobim_u.training.arguments import build_argument_parser, parse_arguments
+
+    text = build_argument_parser("crobim-u train").format_help()
+    long_flags = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", text))
+    assert {"--output_dir", "--max_steps", "--group_by_image"} <= long_flags
+    assert [flag for flag in long_flags - {"--help"} if "-" in flag[2:]] == []
+    _, _, training_args = parse_arguments(["--output_dir", str(tmp_path), "--max-steps", "3"])
+    assert training_args.max_steps == 3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import os
 import sys
@@ -216,6 +218,30 @@ class CrobimUTrainingArguments(TrainingArguments):
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, CrobimUTrainingArguments)
 
 
+class UnderscoreHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """
+    Shows each flag in its underscore spelling only (`--output_dir`), the one the rest of the `crobim-u` command
+    line uses. `HfArgumentParser` also accepts a dash twin (`--output-dir`) of every such flag; it keeps working, but
+    listing both would show two styles.
+    """
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        spellings = set(action.option_strings)
+        shown = [
+            option for option in action.option_strings
+            if not (option.startswith("--") and "-" in option[2:] and "--" + option[2:].replace("-", "_") in spellings)
+        ]
+        if len(shown) != len(action.option_strings):
+            action = copy.copy(action)
+            action.option_strings = shown
+        return super()._format_action_invocation(action)
+
+
+def build_argument_parser(prog: str | None = None) -> HfArgumentParser:
+    """The parser of `crobim-u train` / `python -m crobim_u.training.run`: the three argument classes' fields."""
+    return HfArgumentParser(ARGUMENT_CLASSES, prog=prog, formatter_class=UnderscoreHelpFormatter)
+
+
 def parse_arguments(
     argv: Sequence[str] | None = None, prog: str | None = None
 ) -> tuple[ModelArguments, DataArguments, CrobimUTrainingArguments]:
@@ -226,7 +252,7 @@ def parse_arguments(
     Raises:
         `ValueError`: the JSON file holds keys that no argument class knows.
     """
-    parser = HfArgumentParser(ARGUMENT_CLASSES, prog=prog)
+    parser = build_argument_parser(prog)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith(".json") and not argv[0].startswith("-"):
         with open(os.path.abspath(argv[0]), encoding="utf-8") as file:
