@@ -9,7 +9,7 @@ Sections, by what they build:
 - tiny models and checkpoints
 - processors and tokenizers
 - images and data sets
-- data-set file writers (RefSegRS, RRSIS-D in their official layouts)
+- data-set file writers (RefSegRS, RRSIS-D, RISBench in their official layouts; the metadata.jsonl folder)
 - CLI runners and their outputs
 """
 
@@ -303,6 +303,65 @@ def write_rrsisd(root, refs=None, instances=None) -> None:
     with open(root / "rrsisd" / "refs(unc).p", "wb") as file:
         pickle.dump(rrsisd_refs() if refs is None else refs, file)
     (root / "rrsisd" / "instances.json").write_text(json.dumps(rrsisd_instances() if instances is None else instances))
+
+
+RISBENCH_MASKS = {"a_1": box_mask(0, 0, 3, 3), "b_2": box_mask(5, 4, 10, 12)}  # by image id (file name stem)
+RISBENCH_PHRASES = {
+    "train": "a_1.png the field at the top left\nb_2.png a large ship\n",
+    "test": "b_2.png the ship at the bottom right\n",  # no val file: the data set has no validation split
+}
+
+
+def write_risbench(root, image_dir: str = "img_rgb", mask_dir: str = "mask", foreground: int = 255) -> None:
+    """
+    RISBench under `root`: `image_dir`/ and `mask_dir`/ (either of its two layouts) of `RISBENCH_MASKS` as PNG, the
+    foreground stored as `foreground` (255 or 1: both read as 1), and the phrase files `RISBENCH_PHRASES`.
+    """
+    os.makedirs(root / image_dir)
+    os.makedirs(root / mask_dir)
+    for seed, (image_id, mask) in enumerate(RISBENCH_MASKS.items()):
+        PIL.Image.fromarray(random_rgb(seed)).save(root / image_dir / f"{image_id}.png")
+        PIL.Image.fromarray((mask * foreground).astype(np.uint8)).save(root / mask_dir / f"{image_id}.png")
+    for split, text in RISBENCH_PHRASES.items():
+        (root / f"output_phrase_{split}.txt").write_text(text)
+
+
+def folder_mask(seed: int) -> np.ndarray:
+    """The 0/1 mask that `write_folder_images` writes for its `seed`-th name."""
+    return box_mask(seed, seed, seed + 3, seed + 4)
+
+
+def write_folder_images(folder, names) -> None:
+    """`<name>.png` (`random_rgb(seed)`) and `<name>_mask.png` (`folder_mask(seed)`, stored 0/255) for each name."""
+    os.makedirs(folder, exist_ok=True)
+    for seed, name in enumerate(names):
+        PIL.Image.fromarray(random_rgb(seed)).save(folder / f"{name}.png")
+        PIL.Image.fromarray(folder_mask(seed) * 255).save(folder / f"{name}_mask.png")
+
+
+def write_jsonl(path, records) -> None:
+    """One line per record: a dict as JSON, a string as it is (for malformed lines)."""
+    path.write_text("".join((record if isinstance(record, str) else json.dumps(record)) + "\n" for record in records))
+
+
+FOLDER_IMAGES = ("x", "y", "z")
+FOLDER_RECORDS = [
+    {"file_name": "x.png", "mask_file_name": "x_mask.png", "expression": "the pond", "split": "train",
+     "category": "water"},
+    {"file_name": "y.png", "mask_file_name": "y_mask.png", "expression": "a road", "split": "train",
+     "category": "road"},
+    {"file_name": "x.png", "mask_file_name": "x_mask.png", "expression": "the pond on the left", "split": "train",
+     "category": "water"},
+    {"file_name": "z.png", "mask_file_name": "z_mask.png", "expression": "a field", "split": "val"},  # no category
+    {"file_name": "y.png", "mask_file_name": "y_mask.png", "expression": "the road at the top", "split": "test",
+     "category": "road"},
+]
+
+
+def write_folder(root) -> None:
+    """A `folder` data set under `root`: the images `FOLDER_IMAGES` and one `metadata.jsonl` of `FOLDER_RECORDS`."""
+    write_folder_images(root, FOLDER_IMAGES)
+    write_jsonl(root / "metadata.jsonl", FOLDER_RECORDS)
 
 
 # --- CLI runners and their outputs ----------------------------------------------------------------------------------

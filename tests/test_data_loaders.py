@@ -1,4 +1,8 @@
-"""Loaders of the file-based data sets, on small data sets written in each official layout."""
+"""
+What each file-based data set loader has of its own, on small data sets written in each official layout: malformed
+entries, segmentation decoding, the pickle check, the metadata layouts, export round trips. What every loader shares
+(splits, canonical columns, rows, masks, missing files, the dispatcher) is in `test_loader_contract.py`.
+"""
 
 import json
 import logging
@@ -24,6 +28,8 @@ from helpers import (
     rrsisd_refs,
     sentence,
     uncompressed_rle,
+    write_folder_images,
+    write_jsonl,
     write_refsegrs,
     write_rrsisd,
 )
@@ -38,7 +44,6 @@ from crobim_u.data import (
     load_pickle_safely,
     load_referring_dataset,
     load_refsegrs,
-    load_risbench,
     load_rrsisd,
 )
 
@@ -56,43 +61,8 @@ def assert_canonical_mask(mask: PIL.Image.Image, expected: np.ndarray) -> None:
 # The small data set: `helpers.write_refsegrs` (masks `REFSEGRS_MASKS`).
 
 
-def test_refsegrs_rows_splits_and_masks(tmp_path):
+def test_refsegrs_splits_are_its_phrase_files(tmp_path):
     write_refsegrs(tmp_path)
-    dataset = load_refsegrs(str(tmp_path))
-
-    assert list(dataset) == ["train", "validation", "test"]
-    assert [dataset[split].num_rows for split in dataset] == [3, 1, 1]
-    train = [dataset["train"][i] for i in range(3)]
-    assert [row["expression"] for row in train] == ["road along the river", "the  white building", "road left"]
-    assert [row["image_id"] for row in train] == ["0", "1", "0"]
-    assert {row["split"] for row in train} == {"train"}
-    assert {row["category"] for row in train} == {""}
-    for row in train:
-        assert_canonical_mask(row["mask"], REFSEGRS_MASKS[row["image_id"]])
-    assert np.array_equal(pixels(train[1]["image"]), random_rgb(1))
-    validation = dataset["validation"][0]
-    assert (validation["split"], validation["expression"]) == ("validation", "a car in the top right")
-    assert_canonical_mask(validation["mask"], REFSEGRS_MASKS["2"])
-
-
-def test_refsegrs_stores_paths_and_decodes_on_access(tmp_path):
-    write_refsegrs(tmp_path)
-    dataset = load_refsegrs(str(tmp_path), splits=["test"])
-    table = dataset["test"].data.to_pydict()
-    assert table["image"][0] == {"bytes": None, "path": str(tmp_path / "images" / "1.tif")}
-    assert table["mask"][0] == {"bytes": None, "path": str(tmp_path / "masks" / "1.tif")}
-    # Nothing was read at load time: a file removed afterwards fails only when its row is read.
-    os.remove(tmp_path / "images" / "1.tif")
-    with pytest.raises(FileNotFoundError):
-        dataset["test"][0]
-
-
-def test_refsegrs_splits_argument(tmp_path):
-    write_refsegrs(tmp_path)
-    assert list(load_refsegrs(str(tmp_path), splits=["val", "test"])) == ["validation", "test"]
-    assert list(load_refsegrs(str(tmp_path), splits=["validation"])) == ["validation"]
-    with pytest.raises(ValueError, match="Unknown RefSegRS split 'dev'"):
-        load_refsegrs(str(tmp_path), splits=["dev"])
     os.remove(tmp_path / "output_phrase_test.txt")
     assert list(load_refsegrs(str(tmp_path))) == ["train", "validation"]
     with pytest.raises(FileNotFoundError, match="output_phrase_test.txt"):
@@ -133,26 +103,6 @@ def test_mask_size_must_match_image(tmp_path):
 
 # --- RRSIS-D ----------------------------------------------------------------------------------------------------
 # The small data set: `helpers.write_rrsisd` (refs `rrsisd_refs`, annotations `rrsisd_instances`, masks `rrsisd_masks`).
-
-
-def test_rrsisd_rows_expressions_categories_and_masks(tmp_path):
-    write_rrsisd(tmp_path)
-    dataset = load_rrsisd(str(tmp_path))
-
-    assert list(dataset) == ["train", "validation", "test"]
-    assert [dataset[split].num_rows for split in dataset] == [2, 1, 1]
-    rows = [row for split in dataset for row in dataset[split]]
-    assert [row["expression"] for row in rows] == [
-        "the vehicle on the left", "a small car", "the storage tank", "scattered vehicles"
-    ]
-    assert [row["image_id"] for row in rows] == ["10", "10", "11", "12"]
-    assert [row["category"] for row in rows] == ["vehicle", "vehicle", "storage tank", "vehicle"]
-    assert [row["split"] for row in rows] == ["train", "train", "validation", "test"]
-    masks = rrsisd_masks()
-    for row, ann_id in zip(rows, (1, 1, 2, 3)):
-        assert_canonical_mask(row["mask"], masks[ann_id])
-    jpeg = tmp_path / "images" / "rrsisd" / "JPEGImages" / "00011.jpg"
-    assert np.array_equal(pixels(rows[2]["image"]), pixels(PIL.Image.open(jpeg)))
 
 
 def test_rrsisd_stores_segmentations_not_masks(tmp_path):
@@ -341,50 +291,7 @@ def test_rrsisd_malformed_instances_json(tmp_path):
         load_rrsisd(str(tmp_path), skip_invalid=True)
 
 
-# --- RISBench ---------------------------------------------------------------------------------------------------
-
-
-RISBENCH_MASKS = {"a_1.png": box_mask(0, 0, 3, 3), "b_2.png": box_mask(5, 4, 10, 12)}
-
-
-@pytest.mark.parametrize(
-    ("image_dir", "mask_dir", "foreground"), [("img_rgb", "mask", 255), ("images", "masks", 1)]
-)
-def test_risbench_layouts_and_mask_values(tmp_path, image_dir, mask_dir, foreground):
-    os.makedirs(tmp_path / image_dir)
-    os.makedirs(tmp_path / mask_dir)
-    for seed, (file_name, mask) in enumerate(RISBENCH_MASKS.items()):
-        PIL.Image.fromarray(random_rgb(seed)).save(tmp_path / image_dir / file_name)
-        PIL.Image.fromarray((mask * foreground).astype(np.uint8)).save(tmp_path / mask_dir / file_name)
-    (tmp_path / "output_phrase_train.txt").write_text("a_1.png the field at the top left\nb_2.png a large ship\n")
-    (tmp_path / "output_phrase_test.txt").write_text("b_2.png the ship at the bottom right\n")
-
-    dataset = load_risbench(str(tmp_path))
-    assert list(dataset) == ["train", "test"]
-    train = [dataset["train"][0], dataset["train"][1]]
-    assert [row["expression"] for row in train] == ["the field at the top left", "a large ship"]
-    assert [row["image_id"] for row in train] == ["a_1", "b_2"]
-    assert_canonical_mask(train[0]["mask"], RISBENCH_MASKS["a_1.png"])
-    assert_canonical_mask(dataset["test"][0]["mask"], RISBENCH_MASKS["b_2.png"])
-    assert np.array_equal(pixels(dataset["test"][0]["image"]), random_rgb(1))
-
-    os.remove(tmp_path / mask_dir / "a_1.png")
-    with pytest.raises(MissingDataFileError, match=r"output_phrase_train\.txt, line 1: mask file .*a_1\.png"):
-        load_risbench(str(tmp_path))
-
-
 # --- Folder (metadata.jsonl) ------------------------------------------------------------------------------------
-
-
-def write_folder_images(folder, names) -> None:
-    os.makedirs(folder, exist_ok=True)
-    for seed, name in enumerate(names):
-        PIL.Image.fromarray(random_rgb(seed)).save(folder / f"{name}.png")
-        PIL.Image.fromarray(box_mask(seed, seed, seed + 3, seed + 4) * 255).save(folder / f"{name}_mask.png")
-
-
-def write_jsonl(path, records) -> None:
-    path.write_text("".join((record if isinstance(record, str) else json.dumps(record)) + "\n" for record in records))
 
 
 def test_folder_single_metadata_with_split_field(tmp_path):
@@ -482,16 +389,6 @@ def test_own_transform_composes_with_mask_decoding(tmp_path):
 
 
 # --- Dispatcher -------------------------------------------------------------------------------------------------
-
-
-def test_dispatcher_loads_each_file_format(tmp_path):
-    write_refsegrs(tmp_path / "refsegrs")
-    write_rrsisd(tmp_path / "rrsisd")
-    refsegrs = load_referring_dataset("refsegrs", str(tmp_path / "refsegrs"), splits=["train"])
-    assert [row["expression"] for row in refsegrs["train"]] == [
-        "road along the river", "the  white building", "road left"
-    ]
-    assert load_referring_dataset("rrsisd", data_dir=str(tmp_path / "rrsisd"))["test"][0]["category"] == "vehicle"
 
 
 def test_dispatcher_rejects_bad_arguments():
