@@ -308,7 +308,7 @@ def test_folder_single_metadata_with_split_field(tmp_path):
     assert (y["expression"], y["image_id"], y["category"], y["split"]) == ("a road", "scene-7", "", "validation")
     assert_canonical_mask(y["mask"], box_mask(1, 1, 4, 5))
     assert list(load_folder(str(tmp_path), splits=["val"])) == ["validation"]
-    with pytest.raises(ValueError, match=r"has no rows for split\(s\) \['test'\]; found \['train'\]"):
+    with pytest.raises(ValueError, match=r"has no rows for split\(s\) \['test'\]; found \['train', 'validation'\]"):
         load_folder(str(tmp_path), splits=["train", "test"])
 
 

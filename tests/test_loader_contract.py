@@ -275,7 +275,7 @@ class TestRRSISDLoader(LoaderContract):
     missing_file_reference = "rrsisd/instances.json, images[0].file_name"
     rows_kept_without_missing_image = {"validation": 1, "test": 1}  # a split is there when a ref of it is kept
     skipped_items_for_missing_image = 1  # one per ref: both sentences of the train ref go with it
-    unknown_split_error = r"has no rows for split\(s\) \['dev'\]"
+    unknown_split_error = r"has no rows for split\(s\) \['dev'\]; found \['test', 'train'(, 'validation')?\]"
     opt_outs = {
         f"{test}[mask]": "RRSIS-D has no mask files: masks are COCO segmentations in instances.json (their checks are "
         "in test_data_loaders.py)"
@@ -339,7 +339,7 @@ class TestFolderLoader(LoaderContract):
     missing_file_reference = "metadata.jsonl, line 2"
     rows_kept_without_missing_image = {"train": 2, "validation": 1}  # a split is there when a row of it is kept
     skipped_items_for_missing_image = 2  # one per metadata line
-    unknown_split_error = r"has no rows for split\(s\) \['dev'\]"
+    unknown_split_error = r"has no rows for split\(s\) \['dev'\]; found \['test', 'train'(, 'validation')?\]"
 
     def image_file(self, root, image_id):
         return root / f"{image_id}.png"

@@ -95,17 +95,22 @@ def storage_row(
 
 
 def build_dataset_dict(
-    rows_by_split: dict[str, list[dict]], requested_splits: set[str] | None = None, source: str = ""
+    rows_by_split: dict[str, list[dict]],
+    requested_splits: set[str] | None = None,
+    source: str = "",
+    available_splits: set[str] | None = None,
 ) -> DatasetDict:
     """Builds the `DatasetDict` of stored rows (see [`storage_row`]) with [`decode_referring_batch`] as transform.
 
     Splits come in the order train, validation, test, then any others in their given order. A requested split
-    without rows is an error naming `source` (the file or folder the rows came from).
+    without rows is an error naming `source` (the file or folder the rows came from) and the splits the source holds
+    (`available_splits`, before the rows were filtered to the requested ones; by default those of `rows_by_split`).
     """
     if requested_splits is not None and not requested_splits <= rows_by_split.keys():
+        found = rows_by_split.keys() if available_splits is None else available_splits
         raise ValueError(
             f"{source} has no rows for split(s) {sorted(requested_splits - rows_by_split.keys())}; "
-            f"found {sorted(rows_by_split)}"
+            f"found {sorted(found)}"
         )
     order = sorted(rows_by_split, key=lambda s: SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER))
     # from_dict rather than from_list: from_list drops the columns of a split whose rows were all skipped

@@ -56,6 +56,7 @@ def load_folder(root: str, splits: Sequence[str] | None = None, skip_invalid: bo
     invalid_items = InvalidItems(skip_invalid)
     is_file = functools.cache(os.path.isfile)  # many expressions share one image
     rows_by_split: dict[str, list[dict]] = {}
+    splits_found: set[str] = set()
     for folder_split, metadata_file in metadata_files:
         base_dir = os.path.dirname(metadata_file)
         for line_number, record in _read_metadata(metadata_file, invalid_items):
@@ -69,6 +70,7 @@ def load_folder(root: str, splits: Sequence[str] | None = None, skip_invalid: bo
                     )
                 )
                 continue
+            splits_found.add(split)
             if requested_splits is not None and split not in requested_splits:
                 continue
             image_path = os.path.join(base_dir, record["file_name"])
@@ -85,7 +87,7 @@ def load_folder(root: str, splits: Sequence[str] | None = None, skip_invalid: bo
                 )
             )
     invalid_items.log_summary(logger, root)
-    return build_dataset_dict(rows_by_split, requested_splits, root)
+    return build_dataset_dict(rows_by_split, requested_splits, root, splits_found)
 
 
 def export_folder(dataset_dict: DatasetDict, root: str) -> None:

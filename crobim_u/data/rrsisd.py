@@ -68,7 +68,10 @@ def load_rrsisd(
     instances = _Instances(instances_path, image_dir, invalid_items)
     rows_by_split = _rows_by_split(refs, refs_path, requested_splits, instances, invalid_items)
     invalid_items.log_summary(logger, root)
-    return build_dataset_dict(rows_by_split, requested_splits, refs_path)
+    splits_found = {
+        canonical_split_name(ref["split"]) for ref in refs if isinstance(ref, dict) and isinstance(ref.get("split"), str)
+    }
+    return build_dataset_dict(rows_by_split, requested_splits, refs_path, splits_found)
 
 
 def _rrsisd_paths(root: str, split_by: str) -> tuple[str, str, str]:
