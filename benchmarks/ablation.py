@@ -22,7 +22,7 @@ and, with `--variants`, the full model with one alternative of the config each (
 and `full/coarse-target` (`uncertainty_target_source="coarse"`).
 
 Recipe: the demo's (`crobim_u.demo.DemoRecipe` defaults): 160x160 scenes at difficulty easy, 16,000 training
-expressions, two per scene, half of them relations or size comparisons (`relational_share`), batch 8, 2,250 steps,
+expressions, two per scene, half of them relations or size comparisons (`relational_share`), batch 8, 3,375 steps,
 the frozen pretrained MiniLM text encoder where installed; the test split has `--num-test` scenes (1,000), one
 expression each. Seed `s` sets the initialisation and the batch order, so variant differences at one seed come from
 the modules alone. Runs go to `--jobs` worker processes of `--threads` torch threads each (2 x 1 by default).
