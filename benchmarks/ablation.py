@@ -109,6 +109,9 @@ RUN_SETTINGS = (
 # Bumped when a journal line's content changes (2: per-sample counts, reliability and score), so that older runs
 # are not mixed in.
 JOURNAL_FORMAT = 2
+# What a journal line's per-sample `reliability` means (`mask_reliability`). A line written under an earlier
+# definition is scored again from its saved model, so that every seed's ranking reads the figure the package ships.
+RELIABILITY_DEFINITION = "expected-iou"
 MARKERS = ("<!-- ablation:start -->", "<!-- ablation:end -->")
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "ablation.json"
 # A smoke run must not overwrite the study's results.
@@ -196,15 +199,88 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         result["risk_coverage"] = {
             "coverage": grid.tolist(), "risk": np.interp(grid, coverage[order], risk[order]).tolist()
         }
-        result["samples"].update(
-            reliability=[round(value, 6) for value in scores["sample_reliability"].tolist()],
-            score=[round(value, 6) for value in scores["sample_score"].tolist()],
-        )
+        result["samples"].update(_rounded_reliability_and_score(scores))
+        result["reliability_definition"] = RELIABILITY_DEFINITION
     if job["save_model"]:
         folder = os.path.join(job["models_dir"], f"{job['variant']}-seed{job['seed']}")
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
     return result
+
+
+def _rounded_reliability_and_score(scores: dict[str, Any]) -> dict[str, list[float]]:
+    return {
+        "reliability": [round(value, 6) for value in scores["sample_reliability"].tolist()],
+        "score": [round(value, 6) for value in scores["sample_score"].tolist()],
+    }
+
+
+def rescore_reliability(job: dict[str, Any]) -> dict[str, Any]:
+    """Reads one saved model's per-sample reliability and score again, in this worker process."""
+    import torch
+    from datasets import load_from_disk
+
+    from crobim_u import CrobimUForReferringSegmentation, CrobimUProcessor
+    from crobim_u.inference.evaluation import evaluate_referring_segmentation
+
+    torch.set_num_threads(job["threads"])
+    model = CrobimUForReferringSegmentation.from_pretrained(job["model_dir"]).eval()
+    processor = CrobimUProcessor.from_pretrained(job["model_dir"])
+    scores = evaluate_referring_segmentation(
+        model, processor, load_from_disk(job["data_dir"])["test"], job["batch_size"], progress=False,
+        return_counts=True, reliability_metrics=True,
+    )
+    return {
+        "variant": job["variant"], "seed": job["seed"], "intersection": scores["intersection"].tolist(),
+        "union": scores["union"].tolist(), **_rounded_reliability_and_score(scores),
+    }
+
+
+def refresh_stale_reliability(
+    args: argparse.Namespace, finished: dict[tuple[str, int], dict[str, Any]], data_dir: Path, models_dir: Path,
+    journal: Path,
+) -> None:
+    """Brings every journaled run's reliability to `RELIABILITY_DEFINITION`: scored again from its saved model, or
+    left out of the ranking (with a message) where the model was not kept. Rewrites the journal when anything
+    changed."""
+    stale = [
+        run for run in finished.values()
+        if "reliability" in run["samples"] and run.get("reliability_definition") != RELIABILITY_DEFINITION
+    ]
+    if not stale:
+        return
+    jobs = []
+    for run in stale:
+        model_dir = models_dir / f"{run['variant']}-seed{run['seed']}"
+        if (model_dir / "config.json").is_file():
+            jobs.append({
+                "variant": run["variant"], "seed": run["seed"], "model_dir": str(model_dir),
+                "data_dir": str(data_dir), "threads": args.threads,
+                "batch_size": build_recipe(args, run["variant"]).eval_batch_size,
+            })
+        else:
+            print(f"{run['variant']} seed {run['seed']}: reliability from an earlier definition and no saved model; "
+                  "left out of the reliability ranking", flush=True)
+            for key in ("reliability", "score"):
+                run["samples"].pop(key)
+            run["reliability_definition"] = None
+    print(f"scoring the reliability of {len(jobs)} saved model(s) again ({RELIABILITY_DEFINITION})", flush=True)
+    with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(jobs))), mp_context=get_context("spawn")) as pool:
+        for rescored in pool.map(rescore_reliability, jobs):
+            run = finished[(rescored["variant"], rescored["seed"])]
+            changed = sum(
+                (a, b) != (c, d) for a, b, c, d in zip(
+                    run["samples"]["intersection"], run["samples"]["union"], rescored["intersection"], rescored["union"]
+                )
+            )
+            if changed:
+                print(f"{run['variant']} seed {run['seed']}: the saved model's masks differ from the journal's on "
+                      f"{changed} sample(s); the journal's segmentation figures are kept", flush=True)
+            run["samples"].update(reliability=rescored["reliability"], score=rescored["score"])
+            run["reliability_definition"] = RELIABILITY_DEFINITION
+    rewritten = journal.with_suffix(".rewrite")
+    rewritten.write_text("".join(json.dumps(run) + "\n" for run in finished.values()))
+    rewritten.replace(journal)
 
 
 # --- statistics -------------------------------------------------------------------------------------------------
@@ -368,14 +444,17 @@ def reliability_block(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     for run in runs:
         samples = run["samples"]
         if "reliability" not in samples:
-            return None
+            continue
         iou = per_sample_arrays([run])["iou"][0]
         ranked[run["seed"]] = rank_answers(iou, samples["reliability"], samples["score"])
+    if not ranked:
+        return None
     first = next(iter(ranked.values()))
     block: dict[str, Any] = {key: statistics.fmean(r[key] for r in ranked.values()) for key in RELIABILITY_KEYS}
     block["std"] = {
         key: statistics.stdev(r[key] for r in ranked.values()) if len(ranked) > 1 else 0.0 for key in RELIABILITY_KEYS
     }
+    block["seeds"] = sorted(ranked)
     block["set_aside"] = first["set_aside"]
     for curve in ("curve_reliability", "curve_score"):
         block[curve] = np.mean([r[curve] for r in ranked.values()], axis=0).tolist()
@@ -702,6 +781,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     file.write(json.dumps(run) + "\n")
                 finished[(run["variant"], run["seed"])] = run
 
+    refresh_stale_reliability(args, finished, data_dir, models_dir, journal)
+
     from datasets import load_from_disk
 
     has_distractor = np.asarray(load_from_disk(str(data_dir))["test"]["has_distractor"], dtype=bool)
@@ -716,7 +797,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         figures.pop("risk_coverage")
     if not plot_selective(results, figures["selective"]):
         figures.pop("selective")
-    saved = {variant: str(models_dir / f"{variant}-seed{args.seeds[0]}") for variant in figure_variants}
+    saved = {
+        variant: str(models_dir / f"{variant}-seed{args.seeds[0]}") for variant in figure_variants
+        if (models_dir / f"{variant}-seed{args.seeds[0]}" / "config.json").is_file()
+    }
     if saved:
         draw_examples(saved, str(data_dir), figures["examples"])
     else:
@@ -798,8 +882,9 @@ def collect_results(
                 entry[f"against_{reference}"] = paired_comparison(
                     variant_runs, runs_of[reference], has_distractor, args.bootstrap, args.smallest_effect
                 )
-        if VARIANTS[variant]["use_rus"]:
-            entry["reliability"] = reliability_block(variant_runs)
+        block = reliability_block(variant_runs) if VARIANTS[variant]["use_rus"] else None
+        if block is not None:
+            entry["reliability"] = block
         results["variants"][variant] = entry
     return results
 

@@ -25,7 +25,7 @@ class CrobimUReferringSegmentationPipeline(Pipeline):
     - `uncertainty` (`np.ndarray` of shape `(height, width)`, values in [0, 1]): the referring-uncertainty map,
       `None` for a model without RUS;
     - `score` (`float`): the mask's confidence (see the image processor);
-    - `reliability` (`float` in [0, 1]): one minus the mean uncertainty over the mask and a thin band around it,
+    - `reliability` (`float` in [0, 1]): the IoU the uncertainty map expects the mask to have,
       higher = more reliable (see the image processor's `mask_reliability`); `None` for a model without RUS;
     - `expression` (`str`).
 

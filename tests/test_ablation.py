@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -250,3 +251,30 @@ def test_quick_run_writes_results_and_figures(ablation, tmp_path):
     assert again["variants"]["full"]["runs"] == saved["variants"]["full"]["runs"]
     (journal,) = (tmp_path / "work").glob("*/runs.jsonl")
     assert len(journal.read_text().splitlines()) == 2
+
+    # A journal line from an earlier reliability definition is scored again from its saved model: the same figures
+    # come back. Without a saved model it is left out of the ranking.
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    full_line = next(line for line in lines if line["variant"] == "full")
+    full_line["reliability_definition"] = "mean-uncertainty-in-band"
+    full_line["samples"]["reliability"] = [0.0] * num_test
+    journal.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rescored = ablation.main(
+        ["--quick", "--text-encoder", "scratch", "--output", str(tmp_path / "rescored.json"), "--work-dir", str(tmp_path / "work")]
+    )
+    assert rescored["variants"]["full"]["reliability"]["spearman_reliability"] == pytest.approx(
+        full["reliability"]["spearman_reliability"], nan_ok=True
+    )
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    restored = next(line for line in lines if line["variant"] == "full")
+    assert restored["reliability_definition"] == ablation.RELIABILITY_DEFINITION
+    assert restored["samples"]["reliability"] == pytest.approx(samples["runs"]["full"]["0"]["reliability"], abs=1e-6)
+
+    restored["reliability_definition"] = "mean-uncertainty-in-band"
+    journal.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    shutil.rmtree(journal.parent / "models" / "full-seed0")
+    without_model = ablation.main(
+        ["--quick", "--text-encoder", "scratch", "--output", str(tmp_path / "left_out.json"), "--work-dir", str(tmp_path / "work")]
+    )
+    assert "reliability" not in without_model["variants"]["full"]
+    assert without_model["variants"]["full"]["mIoU"] == full["mIoU"]

@@ -35,34 +35,34 @@ def square_mask(size: int, top: int, left: int, side: int) -> torch.Tensor:
 # --- the figure on hand-made maps ---------------------------------------------------------------------------------
 
 
-def test_reliability_reads_the_mask_and_a_band_of_band_width_pixels():
-    mask = square_mask(10, 4, 4, 2)  # rows and columns 4-5
+def test_reliability_is_the_iou_the_map_expects():
+    mask = square_mask(10, 4, 4, 2)  # 4 pixels
     uncertainty = torch.zeros(10, 10)
-    uncertainty[4, 8] = 1.0  # 3 pixels right of the mask's last column
-    assert mask_reliability(mask, uncertainty, band_width=0) == 1.0  # the mask only: 4 sure pixels
-    assert mask_reliability(mask, uncertainty, band_width=2) == 1.0  # 6x6 region, the pixel is outside it
-    assert mask_reliability(mask, uncertainty, band_width=3) == pytest.approx(1 - 1 / 64)  # 8x8 region holds it
-    uncertainty[4, 4] = 0.5  # inside the mask
-    assert mask_reliability(mask, uncertainty, band_width=0) == pytest.approx(1 - 0.5 / 4)
-    # The default band is 3 pixels.
-    assert mask_reliability(mask, uncertainty) == pytest.approx(1 - 1.5 / 64)
+    assert mask_reliability(mask, uncertainty) == 1.0  # nothing expected wrong: (4 + 1) / (4 + 1)
+    uncertainty[4, 4] = 0.5  # half a false positive inside the mask
+    assert mask_reliability(mask, uncertainty) == pytest.approx((4 - 0.5 + 1) / (4 + 1))
+    uncertainty[0, 0] = uncertainty[9, 9] = 1.0  # two expected misses outside, anywhere in the image
+    assert mask_reliability(mask, uncertainty) == pytest.approx((4 - 0.5 + 1) / (4 + 2 + 1))
 
 
-def test_reliability_band_is_clipped_at_the_image_border():
-    mask = square_mask(6, 0, 0, 1)
-    uncertainty = torch.zeros(6, 6)
-    uncertainty[:2, :2] = torch.tensor([[0.0, 0.4], [0.4, 0.4]])
-    uncertainty[2, 2] = 1.0  # diagonal neighbour at distance 2 (square structuring element)
-    assert mask_reliability(mask, uncertainty, band_width=1) == pytest.approx(1 - 1.2 / 4)
-    assert mask_reliability(mask, uncertainty, band_width=2) == pytest.approx(1 - 2.2 / 9)
+def test_the_same_expected_errors_weigh_less_on_a_larger_mask():
+    small, large = square_mask(32, 10, 10, 2), square_mask(32, 10, 10, 8)
+    uncertainty = torch.zeros(32, 32)
+    uncertainty[0, :4] = 1.0  # four expected misses far from both masks
+    assert mask_reliability(small, uncertainty) == pytest.approx(5 / 9)
+    assert mask_reliability(large, uncertainty) == pytest.approx(65 / 69)
 
 
-def test_empty_mask_falls_back_to_the_whole_map_and_a_full_mask_reads_everything():
+def test_empty_and_full_masks():
     uncertainty = torch.tensor([[0.0, 0.5], [1.0, 0.5]])
     empty, full = torch.zeros(2, 2, dtype=torch.bool), torch.ones(2, 2, dtype=torch.bool)
-    assert mask_reliability(empty, uncertainty) == pytest.approx(0.5)
-    assert mask_reliability(full, uncertainty, band_width=0) == pytest.approx(0.5)
-    assert mask_reliability(empty, torch.zeros(2, 2)) == 1.0 and mask_reliability(full, torch.ones(2, 2)) == 0.0
+    assert mask_reliability(empty, uncertainty) == pytest.approx(1 / 3)  # two expected misses
+    assert mask_reliability(empty, torch.zeros(2, 2)) == 1.0  # nothing predicted, nothing expected missed
+    assert mask_reliability(full, uncertainty) == pytest.approx((4 - 2 + 1) / (4 + 1))
+    assert mask_reliability(full, torch.ones(2, 2)) == pytest.approx(1 / 5)
+    # Every pixel of the mask expected wrong still leaves the +1: (1 - 1 + 1) / (1 + 3 + 1).
+    assert mask_reliability(square_mask(2, 0, 0, 1), torch.full((2, 2), 1.0)) == pytest.approx(1 / 5)
+    assert mask_reliability(np.ones((1, 1), dtype=bool), np.full((1, 1), 1.0)) == pytest.approx(1 / 2)
 
 
 def test_reliability_accepts_numpy_float16_like_predict_writes_it():
@@ -76,29 +76,27 @@ def test_reliability_accepts_numpy_float16_like_predict_writes_it():
     assert 0.0 <= expected <= 1.0
 
 
-def test_more_uncertainty_near_the_mask_lowers_reliability():
+def test_more_uncertainty_lowers_reliability_inside_and_outside_the_mask():
     mask = square_mask(32, 10, 10, 8)
-    uncertainty = torch.full((32, 32), 0.1)
+    uncertainty = torch.full((32, 32), 0.01)
     before = mask_reliability(mask, uncertainty)
-    uncertainty[8, 12] = 0.9  # in the band above the mask
-    assert mask_reliability(mask, uncertainty) < before
-    far = torch.full((32, 32), 0.1)
-    far[30, 30] = 0.9  # far from the mask: no change
-    assert mask_reliability(mask, far) == pytest.approx(before)
+    inside, outside = uncertainty.clone(), uncertainty.clone()
+    inside[12, 12] = 0.9
+    outside[30, 30] = 0.9
+    assert mask_reliability(mask, inside) < before and mask_reliability(mask, outside) < before
 
 
 @pytest.mark.parametrize(
-    ("mask", "uncertainty", "band_width", "message"),
+    ("mask", "uncertainty", "message"),
     [
-        (torch.zeros(4, 4), torch.zeros(4, 5), 3, r"one size, got \(4, 4\) and \(4, 5\)"),
-        (torch.zeros(2, 4, 4), torch.zeros(2, 4, 4), 3, r"\(H, W\) maps"),
-        (torch.zeros(0, 4), torch.zeros(0, 4), 3, "at least one pixel"),
-        (torch.zeros(4, 4), torch.zeros(4, 4), -1, "band_width must be >= 0, got -1"),
+        (torch.zeros(4, 4), torch.zeros(4, 5), r"one size, got \(4, 4\) and \(4, 5\)"),
+        (torch.zeros(2, 4, 4), torch.zeros(2, 4, 4), r"\(H, W\) maps"),
+        (torch.zeros(0, 4), torch.zeros(0, 4), "at least one pixel"),
     ],
 )
-def test_reliability_errors_name_what_is_wrong(mask, uncertainty, band_width, message):
+def test_reliability_errors_name_what_is_wrong(mask, uncertainty, message):
     with pytest.raises(ValueError, match=message):
-        mask_reliability(mask, uncertainty, band_width=band_width)
+        mask_reliability(mask, uncertainty)
 
 
 # --- ranking answers ----------------------------------------------------------------------------------------------
