@@ -27,11 +27,12 @@ the frozen pretrained MiniLM text encoder where installed; the test split has `-
 expression each. Seed `s` sets the initialisation and the batch order, so variant differences at one seed come from
 the modules alone. Runs go to `--jobs` worker processes of `--threads` torch threads each (2 x 1 by default).
 
-Resuming. Runs of one data/training setting share a work folder (`--work-dir`/<hash of the settings>): the data, the
-models drawn in the figure, and `runs.jsonl`, a journal with one line per finished run (its metrics and per-sample
+Resuming. Runs of one data/training setting share a work folder (`--work-dir`/<hash of the settings>): the data,
+every run's model, and `runs.jsonl`, a journal with one line per finished run (its metrics and per-sample
 counts). A restart with the same settings trains only what the journal lacks, so an interrupted study loses at most
 the runs in progress, and `--variants` can add variants later; a final call with every variant gathers them into
-one results file without training again.
+one results file without training again. A run journaled under an earlier definition of the per-answer reliability
+is scored again from its saved model.
 
 Statistics (`paired_comparison`), for each variant against the base (and each `full/...` alternative also against
 `full`), on the seeds both have run, for mIoU, oIoU, Pr@0.9 and the mIoU of the same-class-distractor subset:
@@ -201,10 +202,11 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         }
         result["samples"].update(_rounded_reliability_and_score(scores))
         result["reliability_definition"] = RELIABILITY_DEFINITION
-    if job["save_model"]:
-        folder = os.path.join(job["models_dir"], f"{job['variant']}-seed{job['seed']}")
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
+    # Every model is kept (about 100 MB each): the figures and the per-answer figures can be read again without
+    # training.
+    folder = os.path.join(job["models_dir"], f"{job['variant']}-seed{job['seed']}")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
     return result
 
 
@@ -741,7 +743,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.time()
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    # The work folder keeps the data, the models drawn in the figure and a journal of finished runs, so that an
+    # The work folder keeps the data, every run's model and a journal of finished runs, so that an
     # interrupted study restarted with the same settings trains only what is missing.
     scratch = None if args.work_dir else tempfile.TemporaryDirectory(prefix="crobim-u-ablation-")
     work_dir = Path(args.work_dir or scratch.name)
@@ -761,7 +763,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         {
             "variant": variant, "seed": seed, "args": vars(args), "data_dir": str(data_dir),
             "models_dir": str(models_dir), "threads": args.threads,
-            "save_model": seed == args.seeds[0] and variant in figure_variants,
         }
         for seed in args.seeds
         for variant in args.variants
