@@ -19,7 +19,9 @@ Variants (the switches of `CrobimUConfig`, applied over the demo's model, `crobi
 
 and, with `--variants`, the full model with one alternative of the config each (`ALTERNATIVES`): `full/detach`,
 `full/hard-target`, `full/max-pooling`, `full/gate-bias-0`, `full/adaptive-udlr-mask` (`udlr_mask_mode="adaptive"`)
-and `full/coarse-target` (`uncertainty_target_source="coarse"`).
+`full/coarse-target` (`uncertainty_target_source="coarse"`), and `full/lighter-stride-4` (the stride-4 path's
+depthwise-only LGFA smoothing and separable pixel head, against the papers' path), each compared with the full model
+as well as the base. Alternatives train after the study's runs.
 
 Recipe: the demo's (`crobim_u.demo.DemoRecipe` defaults): 160x160 scenes at difficulty easy, 16,000 training
 expressions, two per scene, half of them relations or size comparisons (`relational_share`), batch 8, 3,375 steps,
@@ -94,6 +96,9 @@ ALTERNATIVES: dict[str, dict[str, Any]] = {
     "full/gate-bias-0": {"ugf_gate_bias_init": 0.0},
     "full/adaptive-udlr-mask": {"udlr_mask_mode": "adaptive"},
     "full/coarse-target": {"uncertainty_target_source": "coarse"},
+    # Not an uncertainty setting: the lightest stride-4 path that one seed could not decide (BENCHMARKS.md, "A
+    # lighter stride-4 path"), against the papers' path on the study's seeds.
+    "full/lighter-stride-4": {"lgfa_fine_smoothing": "depthwise", "mask_head_conv": "separable"},
 }
 VARIANTS.update({name: {**VARIANTS["full"], **changes} for name, changes in ALTERNATIVES.items()})
 SEGMENTATION_KEYS = ("Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9", "oIoU", "mIoU")
@@ -768,6 +773,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for variant in args.variants
         if (variant, seed) not in finished
     ]
+    # The study's runs first, seed by seed, then the alternatives': a study cut short still has whole seeds.
+    jobs.sort(key=lambda job: job["variant"] not in STUDY)
     print(f"{len(args.variants)} variants x {len(args.seeds)} seeds: {len(jobs)} runs to train, {args.jobs} at a time "
           f"({args.threads} thread(s) each), {len(finished)} already in {journal}", flush=True)
     if jobs:
