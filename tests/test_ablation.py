@@ -195,6 +195,7 @@ def test_reliability_block_averages_each_seed_ranking(ablation):
     # 20% set aside: by reliability 0.0 and 0.1 (seed 0) or 0.9 and 0.8 (seed 1); by score always 0.0 and 0.1.
     assert block["mIoU_kept_80"] == pytest.approx((4.4 / 8 + 2.8 / 8) / 2)
     assert block["mIoU_kept_80_score"] == pytest.approx(4.4 / 8)
+    assert block["mIoU_kept_80_oracle"] == pytest.approx(4.4 / 8) and block["seeds"] == [0, 1]
     assert len(block["curve_reliability"]) == len(block["set_aside"]) == 10
     assert ablation.reliability_block([fake_run(ablation, "base", 0, 0.0, iou=iou)]) is None
 
@@ -246,6 +247,10 @@ def test_quick_run_writes_results_and_figures(ablation, tmp_path):
     num_test = saved["num_test"]
     assert len(samples["has_distractor"]) == num_test == len(samples["runs"]["base"]["0"]["union"])
     assert len(samples["runs"]["full"]["0"]["reliability"]) == num_test and "reliability" not in samples["runs"]["base"]["0"]
+
+    note = ablation.provenance_note(saved)
+    assert f"{saved['run_seconds'] / 3600:.1f} h of training and scoring in all" in note and "--quick" in note
+    assert saved["run_seconds"] == pytest.approx(sum(r["train_seconds"] + r["score_seconds"] for r in full["runs"] + base["runs"]), abs=0.2)
 
     # A restart with the same settings trains nothing: every run comes from the journal of the work folder.
     again = ablation.main(
