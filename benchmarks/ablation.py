@@ -729,6 +729,83 @@ def read_journal(journal: Path) -> dict[tuple[str, int], dict[str, Any]]:
     return finished
 
 
+def prepare_work_folder(args: argparse.Namespace, root: Path) -> tuple[Path, Path, Path]:
+    """The work folder of these settings under `root` (created, with the generated data): its data folder, models
+    folder and journal. It keeps the data, every run's model and the journal of finished runs, so that an interrupted
+    study restarted with the same settings trains only what is missing."""
+    from datasets import DatasetDict
+
+    from crobim_u.demo import load_demo_splits
+
+    settings = {key: value for key, value in vars(args).items() if key in RUN_SETTINGS}
+    settings["journal_format"] = JOURNAL_FORMAT
+    fingerprint = json.dumps(settings, sort_keys=True)
+    work_dir = root / hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
+    data_dir, models_dir, journal = work_dir / "data", work_dir / "models", work_dir / "runs.jsonl"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "settings.json").write_text(fingerprint)
+    if not (data_dir / "dataset_dict.json").is_file():
+        train, test = load_demo_splits(build_recipe(args, "full"), seed=args.data_seed)
+        DatasetDict(train=train, test=test).save_to_disk(str(data_dir))
+    return data_dir, models_dir, journal
+
+
+def train_missing_runs(
+    args: argparse.Namespace, finished: dict[tuple[str, int], dict[str, Any]], data_dir: Path, models_dir: Path,
+    journal: Path,
+) -> None:
+    """Trains the (variant, seed) runs the journal lacks, `--jobs` at a time, journaling each as it finishes (so
+    that a kill loses only the runs in progress)."""
+    jobs = [
+        {
+            "variant": variant, "seed": seed, "args": vars(args), "data_dir": str(data_dir),
+            "models_dir": str(models_dir), "threads": args.threads,
+        }
+        for seed in args.seeds
+        for variant in args.variants
+        if (variant, seed) not in finished
+    ]
+    # The study's runs first, seed by seed, then the alternatives': a study cut short still has whole seeds.
+    jobs.sort(key=lambda job: job["variant"] not in STUDY)
+    print(f"{len(args.variants)} variants x {len(args.seeds)} seeds: {len(jobs)} runs to train, {args.jobs} at a time "
+          f"({args.threads} thread(s) each), {len(finished)} already in {journal}", flush=True)
+    if not jobs:
+        return
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+        for future in as_completed([pool.submit(run_one, job) for job in jobs]):
+            run = future.result()
+            print(f"{run['variant']:>24} seed {run['seed']}: mIoU {run['mIoU']:.4f} oIoU {run['oIoU']:.4f} "
+                  f"Pr@0.9 {run['Pr@0.9']:.4f}" + (f" AUROC {run['auroc']:.4f}" if "auroc" in run else "")
+                  + f" ({run['train_seconds']:.0f} s training, {run['score_seconds']:.0f} s scoring)", flush=True)
+            with open(journal, "a", encoding="utf-8") as file:
+                file.write(json.dumps(run) + "\n")
+            finished[(run["variant"], run["seed"])] = run
+
+
+def draw_figures(
+    results: dict[str, Any], args: argparse.Namespace, stem: Path, data_dir: Path, models_dir: Path
+) -> dict[str, str]:
+    """The risk-coverage, selective-prediction and example figures beside the results; their file names by kind."""
+    figures = {
+        "risk_coverage": f"{stem}_risk_coverage.png", "selective": f"{stem}_selective.png",
+        "examples": f"{stem}_examples.png",
+    }
+    if not plot_risk_coverage(results, figures["risk_coverage"]):
+        figures.pop("risk_coverage")
+    if not plot_selective(results, figures["selective"]):
+        figures.pop("selective")
+    first_seed_models = {variant: models_dir / f"{variant}-seed{args.seeds[0]}" for variant in ("base", "full")}
+    drawn = {
+        variant: str(folder) for variant, folder in first_seed_models.items()
+        if variant in args.variants and (folder / "config.json").is_file()
+    }
+    if drawn:
+        draw_examples(drawn, str(data_dir), figures["examples"])
+    else:
+        figures.pop("examples")
+    return {name: os.path.basename(path) for name, path in figures.items()}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.tables_from:
@@ -746,80 +823,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"error: --batch-size ({args.batch_size}) and --num-train ({args.num_train}) must be multiples of "
             f"--expressions-per-image ({args.expressions_per_image})."
         )
+    from datasets import load_from_disk
 
-    from datasets import DatasetDict
-
-    from crobim_u.demo import DEMO_MODEL_OVERRIDES, load_demo_splits
+    from crobim_u.demo import DEMO_MODEL_OVERRIDES
 
     started = time.time()
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    # The work folder keeps the data, every run's model and a journal of finished runs, so that an
-    # interrupted study restarted with the same settings trains only what is missing.
     scratch = None if args.work_dir else tempfile.TemporaryDirectory(prefix="crobim-u-ablation-")
-    work_dir = Path(args.work_dir or scratch.name)
-    settings = {key: value for key, value in vars(args).items() if key in RUN_SETTINGS}
-    settings["journal_format"] = JOURNAL_FORMAT
-    fingerprint = json.dumps(settings, sort_keys=True)
-    work_dir = work_dir / hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
-    data_dir, models_dir, journal = work_dir / "data", work_dir / "models", work_dir / "runs.jsonl"
-    work_dir.mkdir(parents=True, exist_ok=True)
-    (work_dir / "settings.json").write_text(fingerprint)
-    if not (data_dir / "dataset_dict.json").is_file():
-        train, test = load_demo_splits(build_recipe(args, "full"), seed=args.data_seed)
-        DatasetDict(train=train, test=test).save_to_disk(str(data_dir))
+    data_dir, models_dir, journal = prepare_work_folder(args, Path(args.work_dir or scratch.name))
     finished = read_journal(journal)
-    figure_variants = [variant for variant in ("base", "full") if variant in args.variants]
-    jobs = [
-        {
-            "variant": variant, "seed": seed, "args": vars(args), "data_dir": str(data_dir),
-            "models_dir": str(models_dir), "threads": args.threads,
-        }
-        for seed in args.seeds
-        for variant in args.variants
-        if (variant, seed) not in finished
-    ]
-    # The study's runs first, seed by seed, then the alternatives': a study cut short still has whole seeds.
-    jobs.sort(key=lambda job: job["variant"] not in STUDY)
-    print(f"{len(args.variants)} variants x {len(args.seeds)} seeds: {len(jobs)} runs to train, {args.jobs} at a time "
-          f"({args.threads} thread(s) each), {len(finished)} already in {journal}", flush=True)
-    if jobs:
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-            # Journaled as each finishes, so that a kill loses only the runs in progress.
-            for future in as_completed([pool.submit(run_one, job) for job in jobs]):
-                run = future.result()
-                print(f"{run['variant']:>24} seed {run['seed']}: mIoU {run['mIoU']:.4f} oIoU {run['oIoU']:.4f} "
-                      f"Pr@0.9 {run['Pr@0.9']:.4f}" + (f" AUROC {run['auroc']:.4f}" if "auroc" in run else "")
-                      + f" ({run['train_seconds']:.0f} s training, {run['score_seconds']:.0f} s scoring)", flush=True)
-                with open(journal, "a", encoding="utf-8") as file:
-                    file.write(json.dumps(run) + "\n")
-                finished[(run["variant"], run["seed"])] = run
-
+    train_missing_runs(args, finished, data_dir, models_dir, journal)
     refresh_stale_reliability(args, finished, data_dir, models_dir, journal)
-
-    from datasets import load_from_disk
 
     has_distractor = np.asarray(load_from_disk(str(data_dir))["test"]["has_distractor"], dtype=bool)
     results = collect_results(args, finished, has_distractor, argv)
     results["demo_model_overrides"] = DEMO_MODEL_OVERRIDES
     stem = output.with_suffix("")
-    figures = {
-        "risk_coverage": f"{stem}_risk_coverage.png", "selective": f"{stem}_selective.png",
-        "examples": f"{stem}_examples.png",
-    }
-    if not plot_risk_coverage(results, figures["risk_coverage"]):
-        figures.pop("risk_coverage")
-    if not plot_selective(results, figures["selective"]):
-        figures.pop("selective")
-    saved = {
-        variant: str(models_dir / f"{variant}-seed{args.seeds[0]}") for variant in figure_variants
-        if (models_dir / f"{variant}-seed{args.seeds[0]}" / "config.json").is_file()
-    }
-    if saved:
-        draw_examples(saved, str(data_dir), figures["examples"])
-    else:
-        figures.pop("examples")
-    results["figures"] = {name: os.path.basename(path) for name, path in figures.items()}
+    results["figures"] = draw_figures(results, args, stem, data_dir, models_dir)
     # Per-sample data in a file of its own (one line, large), the results file stays readable.
     samples_path = Path(f"{stem}_samples.json")
     samples = {
@@ -833,15 +854,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["samples_file"] = samples_path.name
     results["wall_seconds"] = round(time.time() - started, 1)
     # A study resumed over several calls: what its runs cost in all, whichever call trained them.
-    results["run_seconds"] = round(
-        sum(run["train_seconds"] + run["score_seconds"] for variant in results["variants"].values() for run in variant["runs"]), 1
-    )
+    runs = [run for variant in results["variants"].values() for run in variant["runs"]]
+    results["run_seconds"] = round(sum(run["train_seconds"] + run["score_seconds"] for run in runs), 1)
     if scratch is not None:
         scratch.cleanup()
 
     output.write_text(json.dumps(results, indent=2))
     print(format_tables(results))
-    print(f"wrote {output}, {samples_path.name} and {', '.join(figures.values())}; {results['wall_seconds']:.0f} s in all")
+    print(f"wrote {output}, {samples_path.name} and {', '.join(results['figures'].values())}; "
+          f"{results['wall_seconds']:.0f} s in all")
     if args.tables:
         write_tables(results)
     return results
