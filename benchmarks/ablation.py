@@ -211,10 +211,15 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         result["reliability_definition"] = RELIABILITY_DEFINITION
     # Every model is kept (about 100 MB each): the figures and the per-answer figures can be read again without
     # training.
-    folder = os.path.join(job["models_dir"], f"{job['variant']}-seed{job['seed']}")
+    folder = model_folder(job["models_dir"], job["variant"], job["seed"])
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return result
+
+
+def model_folder(models_dir: "str | Path", variant: str, seed: int) -> Path:
+    """Where a run's model is kept in the work folder."""
+    return Path(models_dir) / f"{variant}-seed{seed}"
 
 
 def _rounded_reliability_and_score(scores: dict[str, Any]) -> dict[str, list[float]]:
@@ -260,7 +265,7 @@ def refresh_stale_reliability(
         return
     jobs = []
     for run in stale:
-        model_dir = models_dir / f"{run['variant']}-seed{run['seed']}"
+        model_dir = model_folder(models_dir, run["variant"], run["seed"])
         if (model_dir / "config.json").is_file():
             jobs.append({
                 "variant": run["variant"], "seed": run["seed"], "model_dir": str(model_dir),
@@ -273,7 +278,8 @@ def refresh_stale_reliability(
             for key in ("reliability", "score"):
                 run["samples"].pop(key)
             run["reliability_definition"] = None
-    print(f"scoring the reliability of {len(jobs)} saved model(s) again ({RELIABILITY_DEFINITION})", flush=True)
+    if jobs:
+        print(f"scoring the reliability of {len(jobs)} saved model(s) again ({RELIABILITY_DEFINITION})", flush=True)
     with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(jobs))), mp_context=get_context("spawn")) as pool:
         for rescored in pool.map(rescore_reliability, jobs):
             run = finished[(rescored["variant"], rescored["seed"])]
@@ -794,7 +800,7 @@ def draw_figures(
         figures.pop("risk_coverage")
     if not plot_selective(results, figures["selective"]):
         figures.pop("selective")
-    first_seed_models = {variant: models_dir / f"{variant}-seed{args.seeds[0]}" for variant in ("base", "full")}
+    first_seed_models = {variant: model_folder(models_dir, variant, args.seeds[0]) for variant in ("base", "full")}
     drawn = {
         variant: str(folder) for variant, folder in first_seed_models.items()
         if variant in args.variants and (folder / "config.json").is_file()
