@@ -30,6 +30,33 @@ def _mask_tensor(mask: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _uncertainty_quality(
+    metric: UncertaintyQualityMetric, shares: list[list[torch.Tensor]], probability_sums: list[list[float]]
+) -> dict[str, Any]:
+    """AUROC, AURC and ECE from every process's integer histograms and the per-sample probability sums."""
+    if shares:
+        uncertainty_histogram = sum(share[0] for share in shares)
+        foreground_histogram = sum(share[1] for share in shares)
+        # Added sample by sample in data set order, as one process adds them: the float sums come out the same.
+        total = torch.zeros(metric.num_calibration_bins, dtype=torch.float64)
+        for sample_sums in probability_sums:
+            total = total + torch.tensor(sample_sums, dtype=torch.float64)
+        metric.add_histograms(uncertainty_histogram, foreground_histogram, total)
+    return metric.compute()
+
+
+def _reliability_block(
+    iou: torch.Tensor, scored: torch.Tensor, reliabilities: torch.Tensor, scores: torch.Tensor
+) -> dict[str, float]:
+    """How well each answer's reliability and score rank the answers by IoU (samples without an IoU left out)."""
+    scored = scored.numpy()
+    return {
+        "mean_reliability": float(np.mean(reliabilities.numpy())),
+        "mean_score": float(np.mean(scores.numpy())),
+        **rank_answers(iou.numpy()[scored], reliabilities.numpy()[scored], scores.numpy()[scored]),
+    }
+
+
 def evaluate_referring_segmentation(
     model: torch.nn.Module,
     processor: Any,
@@ -135,32 +162,17 @@ def evaluate_referring_segmentation(
     results = metric.compute()
     if uncertainty_metric is not None:
         shares = [share for share in gather_shares([integer_histograms], state) if share is not None]
-        if shares:
-            uncertainty_histogram = sum(share[0] for share in shares)
-            foreground_histogram = sum(share[1] for share in shares)
-            probability_sums = torch.zeros(uncertainty_metric.num_calibration_bins, dtype=torch.float64)
-            for sample in samples:
-                probability_sums = probability_sums + torch.tensor(sample[2], dtype=torch.float64)
-            uncertainty_metric.add_histograms(uncertainty_histogram, foreground_histogram, probability_sums)
-        quality = uncertainty_metric.compute()
+        quality = _uncertainty_quality(uncertainty_metric, shares, [sample[2] for sample in samples])
         results.update(auroc=quality["auroc"], aurc=quality["aurc"], ece=quality["ece"])
         if return_risk_coverage:
             results["risk_coverage"] = quality["risk_coverage"]
     if reliability_metrics:
         iou, scored = iou_from_counts(intersections, unions, metric.empty_policy)
-        scored = scored.numpy()
-        reliabilities = [reliability for reliability, _ in reliability_and_score]
-        scores = [score for _, score in reliability_and_score]
-        results["reliability"] = {
-            "mean_reliability": float(np.mean(reliabilities)),
-            "mean_score": float(np.mean(scores)),
-            **rank_answers(iou.numpy()[scored], np.asarray(reliabilities)[scored], np.asarray(scores)[scored]),
-        }
+        reliabilities = torch.tensor([reliability for reliability, _ in reliability_and_score], dtype=torch.float64)
+        scores = torch.tensor([score for _, score in reliability_and_score], dtype=torch.float64)
+        results["reliability"] = _reliability_block(iou, scored, reliabilities, scores)
         if return_counts:
-            results.update(
-                sample_reliability=torch.tensor(reliabilities, dtype=torch.float64),
-                sample_score=torch.tensor(scores, dtype=torch.float64),
-            )
+            results.update(sample_reliability=reliabilities, sample_score=scores)
     if return_counts:
         results.update(intersection=intersections, union=unions)
     return results
