@@ -19,9 +19,9 @@ Variants (the switches of `CrobimUConfig`, applied over the demo's model, `crobi
 
 and, with `--variants`, the full model with one alternative of the config each (`ALTERNATIVES`): `full/detach`,
 `full/hard-target`, `full/max-pooling`, `full/gate-bias-0`, `full/adaptive-udlr-mask` (`udlr_mask_mode="adaptive"`)
-`full/coarse-target` (`uncertainty_target_source="coarse"`), `full/separable-head` (the full-size presets' separable
-pixel head) and `full/lighter-stride-4` (that head and the stride-4 path's depthwise-only LGFA smoothing), the last two
-against the papers' path; each is compared with the full model as well as the base. Alternatives train after the study's runs.
+`full/coarse-target` (`uncertainty_target_source="coarse"`), `full/separable-head` (a depthwise-separable MID pixel
+head) and `full/lighter-stride-4` (that head and the stride-4 path's depthwise-only LGFA smoothing), the last two
+lighter stride-4 paths against the papers'; each is compared with the full model as well as the base. Alternatives train after the study's runs.
 
 Recipe: the demo's (`crobim_u.demo.DemoRecipe` defaults): 160x160 scenes at difficulty easy, 16,000 training
 expressions, two per scene, half of them relations or size comparisons (`relational_share`), batch 8, 3,375 steps,
@@ -96,8 +96,8 @@ ALTERNATIVES: dict[str, dict[str, Any]] = {
     "full/gate-bias-0": {"ugf_gate_bias_init": 0.0},
     "full/adaptive-udlr-mask": {"udlr_mask_mode": "adaptive"},
     "full/coarse-target": {"uncertainty_target_source": "coarse"},
-    # Not uncertainty settings: the full-size presets' separable pixel head, and the lightest stride-4 path that one
-    # seed could not decide (BENCHMARKS.md, "A lighter stride-4 path"), against the papers' path on the study's seeds.
+    # Not uncertainty settings: the two lighter stride-4 paths that one seed at 2,250 steps could not decide
+    # (BENCHMARKS.md, "A lighter stride-4 path"), against the papers' path on the study's seeds.
     "full/separable-head": {"mask_head_conv": "separable"},
     "full/lighter-stride-4": {"lgfa_fine_smoothing": "depthwise", "mask_head_conv": "separable"},
 }
