@@ -18,10 +18,11 @@ Variants (the switches of `CrobimUConfig`, applied over the demo's model, `crobi
 | full          | x       | x       | x        |
 
 and, with `--variants`, the full model with one alternative of the config each (`ALTERNATIVES`): `full/detach`,
-`full/hard-target`, `full/max-pooling`, `full/gate-bias-0`, `full/adaptive-udlr-mask` (`udlr_mask_mode="adaptive"`)
+`full/hard-target`, `full/max-pooling`, `full/gate-bias-0`, `full/adaptive-udlr-mask` (`udlr_mask_mode="adaptive"`),
 `full/coarse-target` (`uncertainty_target_source="coarse"`), `full/separable-head` (a depthwise-separable MID pixel
 head) and `full/lighter-stride-4` (that head and the stride-4 path's depthwise-only LGFA smoothing), the last two
-lighter stride-4 paths against the papers'; each is compared with the full model as well as the base. Alternatives train after the study's runs.
+lighter stride-4 paths against the papers'; each is compared with the full model as well as the base. Alternatives
+train after the study's runs.
 
 Recipe: the demo's (`crobim_u.demo.DemoRecipe` defaults): 160x160 scenes at difficulty easy, 16,000 training
 expressions, two per scene, half of them relations or size comparisons (`relational_share`), batch 8, 3,375 steps,
