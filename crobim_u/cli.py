@@ -311,7 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    finally:
+        # Only a command that imported torch can hold a process group; the others stay free of its import time.
+        if "torch" in sys.modules:
+            from .inference.parallel import release_process_group
+
+            release_process_group()
 
 
 if __name__ == "__main__":

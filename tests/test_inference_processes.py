@@ -229,3 +229,20 @@ def test_resume_reads_the_records_every_process_left_and_restores_input_order(wo
     assert len(segmented) == NUM_INPUTS - 2
     assert not list(output.glob(PROCESS_RESULTS_GLOB))
     assert_same_outputs(output, one_process)  # input 5's records back in place, not first or last
+
+
+def test_release_process_group_tears_down_a_launchers_group(tmp_path):
+    import torch.distributed as dist
+
+    from crobim_u.inference.parallel import release_process_group
+
+    # What `accelerate launch` leaves in each process: an initialised gloo group (here of one process).
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        release_process_group()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    release_process_group()  # nothing left to release: a no-op

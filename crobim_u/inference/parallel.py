@@ -45,6 +45,17 @@ def process_state(device: str | torch.device | None = None) -> tuple[PartialStat
     return state, requested if requested is not None else state.device
 
 
+def release_process_group() -> None:
+    """
+    Tears down this process's process group, if a launcher made one, before the interpreter exits.
+
+    Left to the interpreter's exit, gloo's threads can be destroyed while still joinable, and a rank whose work
+    finished aborts ("terminate called without an active exception"), failing the launch.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def check_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
     """
     The torch dtype of a `--dtype` value, checked against the device it will run on.

@@ -23,6 +23,7 @@ from ..data import load_referring_dataset
 from ..data.check import InvalidRowsError, check_record, find_invalid_rows
 from ..image_processing_crobim_u import CrobimUImageProcessor
 from ..inference.loading import check_crobim_u_checkpoint
+from ..inference.parallel import release_process_group
 from ..metrics import format_metric_table
 from ..modeling_crobim_u import CrobimUForReferringSegmentation
 from ..processing_crobim_u import CrobimUProcessor
@@ -209,6 +210,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         return train(model_args, data_args, training_args)
     except InvalidRowsError as error:
         raise SystemExit(f"error: {error}") from None
+    finally:
+        release_process_group()
 
 
 def train(
