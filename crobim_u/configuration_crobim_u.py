@@ -35,10 +35,10 @@ _BERT_BASE = {
     "intermediate_size": 3072,
     "max_position_embeddings": 512,
 }
-# The full-size presets keep the papers' stride-4 path: no lighter setting (`lgfa_fine_attention`,
-# `lgfa_fine_smoothing`, `mask_head_conv`, a smaller `udlr_hidden_dim`) kept the demo's model within one point on
-# mIoU and on the relation family (BENCHMARKS.md, "A lighter stride-4 path"; the separable pixel head, the closest,
-# lost 1.9 points on relations over three seeds). They stay config fields for users who trade accuracy for speed.
+# The full-size presets keep the papers' stride-4 path. Of the lighter settings, `lgfa_fine_attention="upsampled"`
+# and a half-width `udlr_hidden_dim` lost over a point of the demo's mIoU on one seed; `mask_head_conv="separable"`
+# lost 1.9 points on the relation family over three seeds, and 2.4 with `lgfa_fine_smoothing="depthwise"`
+# (BENCHMARKS.md, "A lighter stride-4 path"). They stay config fields for users who trade accuracy for speed.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "backbone_config": {

@@ -41,6 +41,14 @@ def test_evaluation_matches_a_plain_per_sample_loop():
         assert results[key] == pytest.approx(value, abs=1e-9), key
 
 
+def test_evaluation_runs_the_model_without_building_a_graph():
+    model, processor, dataset = tiny_model(text_config={"vocab_size": len(WORDS)}), make_processor(), small_dataset()
+    grad_enabled = []
+    model.register_forward_hook(lambda module, args, output: grad_enabled.append(torch.is_grad_enabled()))
+    evaluate_referring_segmentation(model, processor, dataset, batch_size=2, progress=False)
+    assert grad_enabled == [False] * 3  # 5 samples in batches of 2
+
+
 def test_per_sample_counts_score_a_subset_like_running_the_model_on_it():
     model, processor, dataset = tiny_model(text_config={"vocab_size": len(WORDS)}), make_processor(), small_dataset()
     everything = evaluate_referring_segmentation(model, processor, dataset, batch_size=2, progress=False,

@@ -632,7 +632,7 @@ def test_unknown_stride_4_setting_is_refused_naming_the_field(field):
 
 
 def test_full_size_presets_keep_the_papers_stride_4_path():
-    # No lighter setting kept the demo's model within one point on mIoU and relations (BENCHMARKS.md).
+    # No lighter setting passed the one-point rule on the demo's model (BENCHMARKS.md, "A lighter stride-4 path").
     defaults = CrobimUConfig()
     for preset in ("swin-base", "convnext-base"):
         config = CrobimUConfig.from_preset(preset)

@@ -29,7 +29,6 @@ def _mask_tensor(mask: Any) -> torch.Tensor:
     return torch.from_numpy(np.asarray(mask) > 0)
 
 
-@torch.no_grad()
 def _uncertainty_quality(
     metric: UncertaintyQualityMetric, shares: list[list[torch.Tensor]], probability_sums: list[list[float]]
 ) -> dict[str, Any]:
@@ -57,6 +56,7 @@ def _reliability_block(
     }
 
 
+@torch.no_grad()
 def evaluate_referring_segmentation(
     model: torch.nn.Module,
     processor: Any,
