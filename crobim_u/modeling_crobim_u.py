@@ -165,8 +165,17 @@ class _SelectImages(torch.autograd.Function):
 
 
 def select_images(images: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
-    """The feature maps `(B_images, C, H, W)` of each expression's image: `(len(indices), C, H, W)`."""
-    return images if indices is None else _SelectImages.apply(images, indices)
+    """
+    The feature maps `(B_images, C, H, W)` of each expression's image: `(len(indices), C, H, W)`.
+
+    With one image the result is a broadcast view, not a copy: at stride 4 a copy per expression writes as much
+    memory as the expression's own work reads, and the consumers only read it (writing into a broadcast view raises).
+    """
+    if indices is None:
+        return images
+    if images.shape[0] == 1:
+        return images.expand(indices.shape[0], *images.shape[1:])
+    return _SelectImages.apply(images, indices)
 
 
 def check_attended(word_mask: torch.Tensor) -> None:
@@ -432,8 +441,10 @@ class CrobimUPixelWordAttention(GradientCheckpointingLayer):
             # The scores are needed for the relevance anyway, so the attention reuses them instead of computing them
             # again inside SDPA. With few keys (the words) this is also faster than the CPU SDPA kernel. The mask is
             # -inf (exact zeros after the softmax), so no denormal probabilities arise.
-            scores = (query @ key.transpose(-1, -2)) / math.sqrt(attention.head_dim)
-            scores = scores.masked_fill(~language_mask[:, None, None, :], float("-inf"))
+            # The scale goes on the few keys rather than on the pixel-by-word scores, and the mask fills the fresh
+            # scores in place (matmul's backward does not read its output): two passes fewer over the largest tensor.
+            scores = query @ (key.transpose(-1, -2) / math.sqrt(attention.head_dim))
+            scores = scores.masked_fill_(~language_mask[:, None, None, :], float("-inf"))
             relevance = torch.sigmoid(scores.amax(dim=-1)).mean(dim=1).unsqueeze(-1)
             word_context = attention.out_proj((scores.softmax(dim=-1) @ value).transpose(1, 2).flatten(2))
             word_context = word_context.addcmul_(1.0 - relevance, self.sentence_proj(sentence).unsqueeze(1))
@@ -872,7 +883,14 @@ class CrobimULocalRefiner(nn.Module):
         self, pixel_embedding: torch.Tensor, coarse_logits: torch.Tensor, uncertainty: torch.Tensor
     ) -> torch.Tensor:
         uncertainty = F.interpolate(uncertainty, size=coarse_logits.shape[-2:], mode="bilinear", align_corners=False)
-        residual = self.residual(self.refiner(torch.cat([pixel_embedding, coarse_logits, uncertainty], dim=1)))
+        # The two one-channel maps join in the pixel embedding's layout: a cat of mixed layouts writes a contiguous
+        # map with a strided pass (five times slower than the cat itself at stride 4).
+        layout = (
+            torch.channels_last if pixel_embedding.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format
+        )
+        maps = torch.cat([coarse_logits, uncertainty], dim=1).contiguous(memory_format=layout)
+        residual = self.residual(self.refiner(torch.cat([pixel_embedding, maps], dim=1)))
         region = torch.sigmoid((uncertainty - self.mask_threshold_of(uncertainty)) / self.mask_temperature)
         return coarse_logits + region * residual
 

@@ -81,17 +81,49 @@ def test_several_expressions_share_the_detail_stem_of_their_image():
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_selecting_images_gives_indexing_s_gradient_in_the_images_layout(layout):
+@pytest.mark.parametrize("indices", [[2, 0, 0, 1, 2], [0, 0, 0, 0, 0]], ids=["three images", "one image"])
+def test_selecting_images_gives_indexing_s_values_and_gradient_in_the_images_layout(layout, indices):
     from crobim_u.modeling_crobim_u import select_images
 
-    images = torch.randn(3, 4, 5, 6).contiguous(memory_format=layout).requires_grad_()
-    indices = torch.tensor([2, 0, 0, 1, 2])
+    indices = torch.tensor(indices)
+    images = torch.randn(int(indices.max()) + 1, 4, 5, 6).contiguous(memory_format=layout).requires_grad_()
     upstream = torch.randn(5, 4, 5, 6)
-    (select_images(images, indices) * upstream).sum().backward()
-    expected = torch.zeros(3, 4, 5, 6).index_add_(0, indices, upstream)
+    selected = select_images(images, indices)
+    assert torch.equal(selected, images[indices])
+    (selected * upstream).sum().backward()
+    expected = torch.zeros(images.shape).index_add_(0, indices, upstream)
     torch.testing.assert_close(images.grad, expected)
     assert images.grad.is_contiguous(memory_format=layout)
     assert select_images(images, None) is images
+
+
+def test_one_image_is_shared_by_its_expressions_without_a_copy():
+    from crobim_u.modeling_crobim_u import select_images
+
+    image = torch.randn(1, 4, 5, 6)
+    selected = select_images(image, torch.zeros(3, dtype=torch.long))
+    assert selected.shape == (3, 4, 5, 6) and selected.stride(0) == 0
+    assert selected.data_ptr() == image.data_ptr()
+    with pytest.raises(RuntimeError):  # a consumer writing into the shared image fails instead of corrupting it
+        selected.add_(1.0)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_udlr_refines_the_concatenated_maps_in_the_pixel_embedding_s_layout(layout):
+    config = tiny_config()
+    udlr = modeling.CrobimULocalRefiner(config).eval()
+    torch.nn.init.normal_(udlr.residual.weight)  # zero at initialisation: UDLR starts as the identity
+    pixel_embedding = torch.randn(2, config.mask_head_dim, 16, 16).contiguous(memory_format=layout)
+    coarse_logits, uncertainty = torch.randn(2, 1, 16, 16), torch.rand(2, 1, 4, 4)
+    refiner_inputs = []
+    hook = udlr.refiner.register_forward_pre_hook(lambda module, args: refiner_inputs.append(args[0]))
+    with torch.no_grad():
+        refined = udlr(pixel_embedding, coarse_logits, uncertainty)
+    hook.remove()
+    upsampled = torch.nn.functional.interpolate(uncertainty, size=(16, 16), mode="bilinear", align_corners=False)
+    assert torch.equal(refiner_inputs[0], torch.cat([pixel_embedding, coarse_logits, upsampled], dim=1))
+    assert refiner_inputs[0].is_contiguous(memory_format=layout)
+    assert refined.shape == coarse_logits.shape and not torch.equal(refined, coarse_logits)
 
 
 def test_all_off_model_is_the_crobim_base_without_uncertainty_parameters():
@@ -565,13 +597,15 @@ def test_image_only_work_runs_once_per_image_and_matches_copies(model):
     torch.testing.assert_close(shared.uncertainty_logits, copies.uncertainty_logits, atol=1e-5, rtol=1e-5)
 
 
-def test_shared_image_work_gets_the_gradient_of_every_expression(inputs):
+@pytest.mark.parametrize("indices", [[0, 1, 1, 0], [0, 0, 0, 0]], ids=["two images", "one image"])
+def test_shared_image_work_gets_the_gradient_of_every_expression(indices):
     # Eval mode: Swin's stochastic depth would draw per image, so two images and four copies would draw differently.
     model = tiny_model().eval()
     inputs = tiny_inputs(batch_size=4, size=64)
-    indices = torch.tensor([0, 1, 1, 0])
-    shared = dict(inputs, pixel_values=inputs["pixel_values"][:2], image_indices=indices)
-    copies = dict(inputs, pixel_values=inputs["pixel_values"][:2][indices])
+    indices = torch.tensor(indices)
+    images = inputs["pixel_values"][: int(indices.max()) + 1]
+    shared = dict(inputs, pixel_values=images, image_indices=indices)
+    copies = dict(inputs, pixel_values=images[indices])
     grads = []
     for batch in (shared, copies):
         model.zero_grad()
